@@ -1,0 +1,1 @@
+"""The `cswap` command line."""

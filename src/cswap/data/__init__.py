@@ -1,0 +1,1 @@
+"""Data layer: Fashion-MNIST, ImageFolder, splits, calibration sampling, data specs."""

@@ -1,0 +1,217 @@
+"""Model spec strings: where a model comes from and the preprocessing it expects.
+
+- ``zoo:NAME``: a reference model with its committed weights (``cswap zoo list``).
+- ``torchvision:NAME``: ``torchvision.models.get_model(NAME)``, random init; options are passed
+  to the builder, e.g. ``torchvision:resnet18?num_classes=10``.
+- ``timm:NAME``: ``timm.create_model(NAME, pretrained=False)``, options likewise, e.g.
+  ``timm:vit_tiny_patch16_224?num_classes=10&img_size=32``.
+- ``hf:PATH``: a local Hugging Face model directory (``config.json``, and weights if present;
+  without weights the model is randomly initialised from the config).
+
+Model hubs are not contacted (downloads fail offline): users with downloaded weights pass them with
+``weights=FILE`` / ``--weights FILE`` (safetensors, or a PyTorch state dict loaded with
+``weights_only=True``). A saved pruned model is a directory written by ``cswap prune --out DIR``
+(it holds ``DIR/model/spec.json``): pass the directory itself as the spec.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cswap.data.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from cswap.errors import CswapError
+from cswap.specs import parse_spec
+
+MODEL_SPEC_HELP = (
+    "zoo:NAME | torchvision:NAME | timm:NAME | hf:PATH | a saved pruned-model directory"
+)
+
+
+@dataclass(frozen=True, eq=False)
+class LoadedModel:
+    spec: str
+    family: str
+    model: nn.Module
+    preprocessing: Preprocessing
+    class_names: tuple[str, ...] | None = None
+
+
+class HuggingFaceLogits(nn.Module):
+    """A Hugging Face image classifier as a plain ``images -> logits`` module."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=pixel_values).logits
+
+
+def _coerce(value: str) -> object:
+    lowered = value.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    return value
+
+
+def load_model(spec: str, *, weights: str | Path | None = None) -> LoadedModel:
+    """Build the model named by ``spec`` (see the module docstring), in eval mode."""
+    if Path(spec).is_dir() and (Path(spec) / "model" / "spec.json").is_file():
+        raise CswapError(
+            f"{spec} is a saved pruned model; loading saved models arrives with the engine.",
+            "use cswap.load(DIR) once the pruning engine has landed.",
+        )
+    scheme, body, raw_options = parse_spec(spec, kind="model", help_text=MODEL_SPEC_HELP)
+    options = {key: _coerce(value) for key, value in raw_options.items()}
+    if not body:
+        raise CswapError(f"Unknown model spec {spec!r}.", f"use {MODEL_SPEC_HELP}.")
+    if scheme == "zoo":
+        loaded = _load_zoo(spec, body, weights)
+    elif scheme == "torchvision":
+        loaded = _load_torchvision(spec, body, options)
+    elif scheme == "timm":
+        loaded = _load_timm(spec, body, options)
+    elif scheme == "hf":
+        loaded = _load_hf(spec, body)
+    else:
+        raise CswapError(f"Unknown model spec {spec!r}.", f"use {MODEL_SPEC_HELP}.")
+    if weights is not None and scheme != "zoo":
+        target = loaded.model.model if scheme == "hf" else loaded.model
+        load_weights_file(target, weights)
+    loaded.model.eval()
+    return loaded
+
+
+def load_weights_file(model: nn.Module, path: str | Path) -> None:
+    """Load a safetensors file or a PyTorch state dict (``weights_only``) into ``model``."""
+    from cswap.zoo.store import load_state_dict_checked
+
+    path = Path(path)
+    if not path.is_file():
+        raise CswapError(f"Weights file {path} does not exist.", "check the --weights path.")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:
+            raise CswapError(
+                f"Cannot read weights file {path}: {error}.",
+                "pass a .safetensors file or a state dict saved with "
+                "torch.save(model.state_dict()).",
+            ) from error
+        if isinstance(state, dict) and "state_dict" in state:
+            state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise CswapError(
+            f"{path} does not hold a state dict.", "save it with torch.save(model.state_dict())."
+        )
+    load_state_dict_checked(model, state, source=str(path))
+
+
+def _load_zoo(spec: str, name: str, weights: str | Path | None) -> LoadedModel:
+    from cswap.data.fashion_mnist import CLASSES
+    from cswap.zoo.registry import get_entry
+    from cswap.zoo.store import build, load_zoo_model
+
+    entry = get_entry(name)
+    if weights is None:
+        model = load_zoo_model(name)
+    else:
+        model = build(entry)
+        load_weights_file(model, weights)
+    return LoadedModel(spec, "zoo", model, entry.preprocessing, CLASSES)
+
+
+def _load_torchvision(spec: str, name: str, options: dict) -> LoadedModel:
+    import torchvision
+
+    if name not in torchvision.models.list_models():
+        raise CswapError(
+            f"torchvision has no model {name!r}.",
+            "see torchvision.models.list_models() for the names.",
+        )
+    try:
+        model = torchvision.models.get_model(name, weights=None, **options)
+    except TypeError as error:
+        raise CswapError(
+            f"torchvision:{name} rejected the options {options}: {error}.",
+            "pass only keyword arguments its builder accepts.",
+        ) from error
+    size = int(options.get("image_size", 299 if name == "inception_v3" else 224))
+    preprocessing = Preprocessing((size, size), 3, IMAGENET_MEAN, IMAGENET_STD)
+    return LoadedModel(spec, "torchvision", model, preprocessing)
+
+
+def _load_timm(spec: str, name: str, options: dict) -> LoadedModel:
+    import timm
+
+    if not timm.is_model(name):
+        raise CswapError(
+            f"timm has no model {name!r}.", "see timm.list_models('*pattern*') for the names."
+        )
+    try:
+        model = timm.create_model(name, pretrained=False, **options)
+    except TypeError as error:
+        raise CswapError(
+            f"timm:{name} rejected the options {options}: {error}.",
+            "pass only keyword arguments timm.create_model accepts for it.",
+        ) from error
+    config = timm.data.resolve_data_config({}, model=model)
+    channels, height, width = config["input_size"]
+    # Options override the pretrained config's input size (e.g. img_size=32, in_chans=1).
+    if "img_size" in options:
+        size = options["img_size"]
+        height, width = (size, size) if isinstance(size, int) else size
+    channels = int(options.get("in_chans", channels))
+    mean, std = tuple(config["mean"]), tuple(config["std"])
+    if channels == 1:
+        mean, std = (sum(mean) / len(mean),), (sum(std) / len(std),)
+    return LoadedModel(spec, "timm", model, Preprocessing((height, width), channels, mean, std))
+
+
+def _load_hf(spec: str, path: str) -> LoadedModel:
+    directory = Path(path)
+    if not (directory / "config.json").is_file():
+        raise CswapError(
+            f"{directory} is not a Hugging Face model directory (no config.json).",
+            "pass hf:PATH with PATH from model.save_pretrained(PATH) or a downloaded snapshot.",
+        )
+    try:
+        from transformers import AutoConfig, AutoModelForImageClassification
+    except ImportError as error:
+        raise CswapError(
+            "hf: models need the transformers package.", "pip install 'cswap[hf]'."
+        ) from error
+    config = AutoConfig.from_pretrained(directory, local_files_only=True)
+    has_weights = any(directory.glob("*.safetensors")) or any(directory.glob("*.bin"))
+    if has_weights:
+        model = AutoModelForImageClassification.from_pretrained(directory, local_files_only=True)
+    else:
+        model = AutoModelForImageClassification.from_config(config)
+    size = getattr(config, "image_size", 224)
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    channels = getattr(config, "num_channels", 3)
+    mean, std = (0.5,) * channels, (0.5,) * channels
+    processor = directory / "preprocessor_config.json"
+    if processor.is_file():
+        import json
+
+        data = json.loads(processor.read_text())
+        mean = tuple(data.get("image_mean", mean))
+        std = tuple(data.get("image_std", std))
+    labels = getattr(config, "id2label", None)
+    class_names = tuple(labels[i] for i in sorted(labels)) if labels else None
+    preprocessing = Preprocessing(size, channels, mean, std)
+    return LoadedModel(spec, "hf", HuggingFaceLogits(model), preprocessing, class_names)

@@ -1,0 +1,1 @@
+"""The reference model zoo: architectures, recipes, committed weights and their manifest."""
