@@ -1,0 +1,337 @@
+"""`cswap prune`, `cswap score` and `cswap demo`."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cswap.cli.common import BatchSizeOption, DeviceOption
+
+ModelOption = Annotated[
+    str,
+    typer.Option(
+        "--model",
+        help="zoo:NAME | torchvision:NAME | timm:NAME | hf:PATH | a saved pruned-model directory.",
+    ),
+]
+DataOption = Annotated[
+    str, typer.Option("--data", help="fashion-mnist | imagefolder:PATH[?test_fraction=F&seed=N].")
+]
+OutOption = Annotated[Path, typer.Option("--out", help="Output directory.")]
+
+
+def _configure_logging(quiet: bool) -> None:
+    logging.basicConfig(
+        level=logging.WARNING if quiet else logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+    )
+
+
+def summary_lines(report: dict) -> list[str]:
+    def pair(name, before, after, fmt):
+        def show(value):
+            return "-" if value is None else fmt.format(value)
+
+        return f"  {name:22s} {show(before):>14s} -> {show(after):>14s}"
+
+    return [
+        f"model {report['model']}, method {report['method']}, target {report.get('target')}, "
+        f"stop reason: {report.get('stop_reason')}",
+        pair("params", report["params_before"], report.get("params_after"), "{:,}"),
+        pair("MACs / image", report["macs_before"], report.get("macs_after"), "{:,}"),
+        pair(
+            "CPU latency (ms)",
+            report.get("latency_ms_before"),
+            report.get("latency_ms_after"),
+            "{:.3f}",
+        ),
+        pair(
+            "validation accuracy",
+            report["val_accuracy_before"],
+            report.get("val_accuracy_after"),
+            "{:.4f}",
+        ),
+        pair(
+            "test accuracy",
+            report.get("test_accuracy_before"),
+            report.get("test_accuracy_after"),
+            "{:.4f}",
+        ),
+        f"  categories (first scoring): {report['categories']}",
+    ]
+
+
+def run_prune(
+    *,
+    model: str,
+    data: str,
+    out: Path,
+    target_params: float | None,
+    target_macs: float | None,
+    tolerance: float,
+    calib_per_class: int,
+    validation_size: int | None,
+    label_free: bool,
+    export: list[str],
+    resume: bool,
+    overwrite: bool,
+    weights: str | None,
+    data_dir: str | None,
+    device: str | None,
+    batch_size: int,
+    quiet: bool,
+    options: dict,
+) -> dict:
+    from cswap.api import _check_out_dir, load_spec, prune, select_data
+    from cswap.devices import resolve_device
+    from cswap.schedule import ScheduleConfig
+
+    # Check everything cheap before any work or any file is written.
+    if not resume:
+        _check_out_dir(out, overwrite)
+    ScheduleConfig(target_params=target_params, target_macs=target_macs, tolerance=tolerance)
+    device = resolve_device(device)
+    loaded = load_spec(model, weights=weights)
+    selection = select_data(
+        loaded,
+        data,
+        per_class=calib_per_class,
+        validation_size=validation_size,
+        label_free=label_free,
+        correct_only=options.get("correct_only", True),
+        seed=options.get("seed", 0),
+        data_dir=data_dir,
+        batch_size=batch_size,
+        device=device,
+    )
+    result = prune(
+        loaded.model,
+        selection.calibration,
+        validation=selection.validation,
+        test=selection.test,
+        target_params=target_params,
+        target_macs=target_macs,
+        tolerance=tolerance,
+        label_free=label_free,
+        device=device,
+        progress=not quiet,
+        model_spec=model if loaded.family != "saved" else None,
+        preprocessing=loaded.preprocessing,
+        checkpoint_dir=out,
+        resume=resume,
+        batch_size=batch_size,
+        **options,
+    )
+    result.report["data"] = selection.summary
+    result.save(out, export=export, overwrite=True)
+    return result.report
+
+
+def register(app: typer.Typer) -> None:
+    from cswap.cli.common import fail_cleanly
+
+    @app.command("prune")
+    @fail_cleanly
+    def prune_command(
+        model: ModelOption,
+        data: DataOption = "fashion-mnist",
+        out: OutOption = Path("runs/prune"),
+        target_params: Annotated[
+            float | None, typer.Option(help="Fraction of all parameters to remove, in (0, 1).")
+        ] = None,
+        target_macs: Annotated[
+            float | None, typer.Option(help="Fraction of MACs to remove, in (0, 1).")
+        ] = None,
+        tolerance: Annotated[
+            float, typer.Option(help="Allowed validation accuracy drop (fraction).")
+        ] = 0.005,
+        calib_per_class: Annotated[int, typer.Option(help="Calibration images per class.")] = 50,
+        validation_size: Annotated[
+            int | None, typer.Option(help="Validation images (default: the rest of the pool).")
+        ] = None,
+        label_free: Annotated[
+            bool, typer.Option(help="Use the model's own top-1 as labels.")
+        ] = False,
+        export: Annotated[list[str], typer.Option(help="Extra export format: onnx.")] = [],  # noqa: B006
+        resume: Annotated[bool, typer.Option(help="Continue an interrupted run in --out.")] = False,
+        overwrite: Annotated[bool, typer.Option(help="Replace a report already in --out.")] = False,
+        weights: Annotated[
+            str | None, typer.Option(help="Local weights file for the model.")
+        ] = None,
+        data_dir: Annotated[
+            str | None, typer.Option(help="Directory of the Fashion-MNIST IDX files.")
+        ] = None,
+        margin: Annotated[float, typer.Option(help="Practical margin delta of the tests.")] = 0.001,
+        test: Annotated[str, typer.Option(help="t or wilcoxon.")] = "t",
+        alpha: Annotated[float, typer.Option(help="Significance level.")] = 0.05,
+        correction: Annotated[str, typer.Option(help="holm, bonferroni, bh or none.")] = "holm",
+        correction_scope: Annotated[str, typer.Option(help="classes or units.")] = "classes",
+        min_class_size: Annotated[
+            int, typer.Option(help="Smaller classes are pooled for the tests.")
+        ] = 5,
+        correct_only: Annotated[
+            bool, typer.Option(help="Calibrate on correctly classified images only.")
+        ] = True,
+        allow_critical: Annotated[
+            bool, typer.Option(help="Let critical units be removed (last).")
+        ] = False,
+        ignore: Annotated[list[str], typer.Option(help="Layer never to prune.")] = [],  # noqa: B006
+        round_to: Annotated[int, typer.Option(help="Keep unit counts a multiple of this.")] = 1,
+        initial_chunk: Annotated[
+            float, typer.Option(help="First chunk, fraction of prunable params.")
+        ] = 0.01,
+        rescore_every: Annotated[
+            float, typer.Option(help="Re-score after this fraction of params is gone.")
+        ] = 0.10,
+        patience: Annotated[
+            int, typer.Option(help="Single-unit rejections in a row before stopping.")
+        ] = 8,
+        seed: Annotated[int, typer.Option(help="Seed of every random choice.")] = 0,
+        device: DeviceOption = None,
+        batch_size: BatchSizeOption = 256,
+        quiet: Annotated[bool, typer.Option(help="No progress bars or info logs.")] = False,
+        as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    ) -> None:
+        """Prune a model with C-SWAP to a target; write report, model and checkpoints to --out."""
+        _configure_logging(quiet)
+        report = run_prune(
+            model=model,
+            data=data,
+            out=out,
+            target_params=target_params,
+            target_macs=target_macs,
+            tolerance=tolerance,
+            calib_per_class=calib_per_class,
+            validation_size=validation_size,
+            label_free=label_free,
+            export=export,
+            resume=resume,
+            overwrite=overwrite,
+            weights=weights,
+            data_dir=data_dir,
+            device=device,
+            batch_size=batch_size,
+            quiet=quiet,
+            options={
+                "margin": margin,
+                "stat_test": test,
+                "alpha": alpha,
+                "correction": correction,
+                "correction_scope": correction_scope,
+                "min_class_size": min_class_size,
+                "correct_only": correct_only,
+                "allow_critical": allow_critical,
+                "ignored_layers": tuple(ignore),
+                "round_to": round_to,
+                "initial_chunk": initial_chunk,
+                "rescore_every": rescore_every,
+                "patience": patience,
+                "seed": seed,
+            },
+        )
+        if as_json:
+            keys = [k for k in report if k not in ("units", "steps", "groups")]
+            typer.echo(json.dumps({k: report[k] for k in keys}))
+        else:
+            typer.echo("\n".join(summary_lines(report)))
+            typer.echo(f"report: {out / 'report.html'}")
+
+    @app.command("score")
+    @fail_cleanly
+    def score_command(
+        model: ModelOption,
+        data: DataOption = "fashion-mnist",
+        out: OutOption = Path("runs/score"),
+        calib_per_class: Annotated[int, typer.Option(help="Calibration images per class.")] = 50,
+        label_free: Annotated[bool, typer.Option(help="Use the model's own top-1.")] = False,
+        overwrite: Annotated[bool, typer.Option(help="Replace a report already in --out.")] = False,
+        weights: Annotated[str | None, typer.Option(help="Local weights file.")] = None,
+        margin: Annotated[float, typer.Option(help="Practical margin delta.")] = 0.001,
+        test: Annotated[str, typer.Option(help="t or wilcoxon.")] = "t",
+        alpha: Annotated[float, typer.Option(help="Significance level.")] = 0.05,
+        correction: Annotated[str, typer.Option(help="holm, bonferroni, bh or none.")] = "holm",
+        ignore: Annotated[list[str], typer.Option(help="Layer never to prune.")] = [],  # noqa: B006
+        seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+        device: DeviceOption = None,
+        batch_size: BatchSizeOption = 256,
+        quiet: Annotated[bool, typer.Option(help="No progress bars or info logs.")] = False,
+    ) -> None:
+        """Score and categorise every unit without pruning (the explanation first)."""
+        from cswap.api import _check_out_dir, load_spec, score, select_data
+        from cswap.devices import resolve_device
+
+        _configure_logging(quiet)
+        _check_out_dir(out, overwrite)
+        resolved = resolve_device(device)
+        loaded = load_spec(model, weights=weights)
+        selection = select_data(
+            loaded,
+            data,
+            per_class=calib_per_class,
+            label_free=label_free,
+            seed=seed,
+            batch_size=batch_size,
+            device=resolved,
+        )
+        result = score(
+            loaded.model,
+            selection.calibration,
+            validation=selection.validation,
+            label_free=label_free,
+            device=resolved,
+            progress=not quiet,
+            model_spec=model,
+            margin=margin,
+            stat_test=test,
+            alpha=alpha,
+            correction=correction,
+            ignored_layers=tuple(ignore),
+            seed=seed,
+            batch_size=batch_size,
+        )
+        result.report["data"] = selection.summary
+        result.save(out, overwrite=True)
+        typer.echo(f"categories: {result.report['categories']}; report: {out / 'report.html'}")
+
+    @app.command("demo")
+    @fail_cleanly
+    def demo_command(
+        out: OutOption = Path("runs/demo"),
+        target_params: Annotated[float, typer.Option(help="Fraction of params to remove.")] = 0.5,
+        device: DeviceOption = None,
+        quiet: Annotated[bool, typer.Option(help="No progress bars or info logs.")] = False,
+    ) -> None:
+        """Prune zoo vgg with C-SWAP and print a before / after summary."""
+        _configure_logging(quiet)
+        report = run_prune(
+            model="zoo:vgg",
+            data="fashion-mnist",
+            out=out,
+            target_params=target_params,
+            target_macs=None,
+            tolerance=0.005,
+            calib_per_class=DEMO_CALIBRATION_PER_CLASS,
+            validation_size=DEMO_VALIDATION_SIZE,
+            label_free=False,
+            export=[],
+            resume=False,
+            overwrite=True,
+            weights=None,
+            data_dir=None,
+            device=device,
+            batch_size=256,
+            quiet=quiet,
+            options={},
+        )
+        typer.echo("\n".join(summary_lines(report)))
+        typer.echo(f"report: {out / 'report.html'}")
+
+
+# The demo must finish within ~10 minutes on 2 CPU cores: a smaller calibration and validation
+# set than the defaults (50 per class, the whole 5,000-image pool).
+DEMO_CALIBRATION_PER_CLASS = 10
+DEMO_VALIDATION_SIZE = 2000

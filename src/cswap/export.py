@@ -1,0 +1,142 @@
+"""Saving and loading pruned models without pickle, and ONNX export.
+
+``OUT/model/spec.json`` holds the base model spec (how to rebuild the unpruned architecture), the
+removed units as ``{root layer: [original indices]}``, the example input shape used to trace the
+dependency graph, the preprocessing and the library versions; ``OUT/model/model.safetensors`` the
+pruned weights. Loading rebuilds the base model, replays the removal through Torch-Pruning and
+loads the weights (shapes checked), so no code object is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import metadata
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from cswap.data.preprocessing import Preprocessing
+from cswap.errors import CswapError
+from cswap.models import load_model
+from cswap.surgery import apply_plan
+from cswap.zoo.store import load_state_dict_checked
+
+FORMAT = "cswap-pruned-model/1"
+SPEC_FILE = "spec.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def library_versions() -> dict[str, str]:
+    versions = {}
+    for package in ("cswap", "torch", "torchvision", "torch-pruning", "timm", "transformers"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def is_saved_model(path: str | Path) -> bool:
+    path = Path(path)
+    return (path / "model" / SPEC_FILE).is_file() or (path / SPEC_FILE).is_file()
+
+
+def save_model(
+    directory: str | Path,
+    model: nn.Module,
+    *,
+    base_spec: str | None,
+    plan: dict[str, list[int]],
+    example_shape: tuple[int, ...],
+    preprocessing: Preprocessing,
+    class_names: tuple[str, ...] | None = None,
+) -> Path:
+    """Write spec.json + model.safetensors into ``directory`` (created)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
+    save_file(state, str(directory / WEIGHTS_FILE))
+    spec = {
+        "format": FORMAT,
+        "base_model": base_spec,
+        "removed": {root: [int(i) for i in indices] for root, indices in plan.items()},
+        "example_input_shape": [1, *example_shape[1:]],
+        "preprocessing": preprocessing.to_dict(),
+        "class_names": list(class_names) if class_names else None,
+        "versions": library_versions(),
+    }
+    (directory / SPEC_FILE).write_text(json.dumps(spec, indent=1) + "\n")
+    return directory
+
+
+def read_spec(path: str | Path) -> tuple[Path, dict]:
+    path = Path(path)
+    directory = path / "model" if (path / "model" / SPEC_FILE).is_file() else path
+    spec_path = directory / SPEC_FILE
+    if not spec_path.is_file():
+        raise CswapError(
+            f"{path} holds no saved pruned model (no model/{SPEC_FILE}).",
+            "pass the --out directory of a finished `cswap prune` run.",
+        )
+    spec = json.loads(spec_path.read_text())
+    if spec.get("format") != FORMAT:
+        raise CswapError(
+            f"{spec_path} has format {spec.get('format')!r}, expected {FORMAT!r}.",
+            "save it again with this version of cswap.",
+        )
+    return directory, spec
+
+
+def load(path: str | Path, base_model: nn.Module | None = None) -> nn.Module:
+    """The pruned model saved in ``path`` (an OUT directory or its model/ sub-directory).
+
+    ``base_model``: a fresh, unpruned instance of the architecture, for models built in Python
+    (their spec cannot be rebuilt from a string); it is pruned in place and returned.
+    """
+    directory, spec = read_spec(path)
+    if base_model is None:
+        if not spec.get("base_model"):
+            raise CswapError(
+                f"{directory} was saved from a model built in Python: cswap cannot rebuild it.",
+                "pass a fresh instance: cswap.load(path, base_model=MyModel()).",
+            )
+        base_model = load_model(spec["base_model"]).model
+    example = torch.zeros(spec["example_input_shape"])
+    model = apply_plan(base_model.eval(), spec["removed"], example)
+    state = load_file(str(directory / WEIGHTS_FILE))
+    load_state_dict_checked(model, state, source=str(directory / WEIGHTS_FILE))
+    return model.eval()
+
+
+def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | Path) -> Path:
+    """Write an ONNX file with a dynamic batch axis (legacy TorchScript exporter: it needs no
+    ``onnxscript``)."""
+    import warnings
+
+    path = Path(path)
+    model = model.eval().to("cpu")
+    try:
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module="torch.onnx")
+        torch.onnx.export(
+            model,
+            (example_input[:1].to("cpu"),),
+            str(path),
+            input_names=["images"],
+            output_names=["logits"],
+            dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+            opset_version=17,
+            dynamo=False,
+        )
+    except ImportError as error:
+        raise CswapError(
+            f"ONNX export needs the onnx package: {error}.", "pip install 'cswap[onnx]'."
+        ) from error
+    except torch.onnx.errors.OnnxExporterError as error:
+        path.unlink(missing_ok=True)
+        raise CswapError(
+            f"The model cannot be exported to ONNX: {str(error).splitlines()[0]}",
+            "the pruned weights are saved in model/ anyway; export without --export onnx.",
+        ) from error
+    return path

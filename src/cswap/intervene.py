@@ -1,0 +1,61 @@
+"""Exact, reversible interventions: do(units removed).
+
+Removing a unit is computed by masking its indices at the input of every consumer in its group
+(forward pre-hooks multiplying by a 0/1 mask). Zeroing the producer's output instead would not be
+removal when a per-channel affine (BatchNorm, a bias) follows. The context manager removes every
+hook on exit, also when the forward pass raises; hooks hold their model only through the handles.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from cswap.units import UnitSpace
+
+
+def consumer_masks(space: UnitSpace, removed: Iterable[int]) -> dict[tuple[str, int], list[int]]:
+    """(consumer layer, dim) -> input indices to zero, for a set of removed units."""
+    masks: dict[tuple[str, int], list[int]] = defaultdict(list)
+    for unit_id in set(removed):
+        for target in space.units[unit_id].targets:
+            masks[(target.layer, target.dim)].extend(target.indices)
+    return masks
+
+
+def _mask_hook(dim: int, indices: torch.Tensor):
+    def hook(_module: nn.Module, inputs: tuple) -> tuple:
+        x = inputs[0]
+        keep = torch.ones(x.shape[dim], dtype=x.dtype, device=x.device)
+        keep[indices.to(x.device)] = 0
+        shape = [1] * x.dim()
+        shape[dim] = -1
+        return (x * keep.view(shape), *inputs[1:])
+
+    return hook
+
+
+@contextmanager
+def removed(model: nn.Module, space: UnitSpace, units: Iterable[int]) -> Iterator[nn.Module]:
+    """Within the block, ``model`` computes what it would with ``units`` physically removed."""
+    modules = dict(model.named_modules())
+    handles = []
+    try:
+        for (layer, dim), indices in consumer_masks(space, units).items():
+            index_tensor = torch.tensor(sorted(set(indices)), dtype=torch.long)
+            handles.append(modules[layer].register_forward_pre_hook(_mask_hook(dim, index_tensor)))
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def hook_count(model: nn.Module) -> int:
+    """Forward (pre-)hooks attached anywhere in ``model``: 0 after every cswap context."""
+    return sum(
+        len(module._forward_pre_hooks) + len(module._forward_hooks) for module in model.modules()
+    )

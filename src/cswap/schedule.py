@@ -1,0 +1,295 @@
+"""The progressive schedule (METHOD.md section 6), criterion-agnostic and model-free.
+
+The loop only sees three callables: ``rank(removed) -> Ranking`` (any criterion: causal,
+magnitude, Taylor, ...), ``validate(removed) -> Validation`` (accuracy of the model with those units
+removed) and the unit space's accounting. So it is testable without a model, and every baseline
+runs through the very same loop.
+
+1. Candidates come in the ranking's order (for C-SWAP: detrimental by xi descending, then neutral by
+   xi descending; critical units only when allowed, by |xi| ascending, last).
+2. A chunk of candidates is tried at once. Accepted if validation accuracy stays within
+   ``tolerance`` of the unpruned model; otherwise rolled back and retried with its first half (the
+   rest stays in the candidate list); a single unit (or round_to block) that fails is kept and
+   marked ``failed``. The chunk is sized in parameters: it starts at ``initial_chunk`` of the
+   prunable parameters, doubles after an acceptance and halves after a rejection; a chunk that
+   would overshoot the target is trimmed to it.
+3. Whenever a further ``rescore_every`` of the parameters has gone since the last ranking, the
+   remaining units are ranked again on the current model (effects interact).
+4. Stop reasons: ``target_reached``; ``candidates_exhausted`` (nothing left to try);
+   ``tolerance_unmet`` (``patience`` single units in a row failed: no chunk passes any more).
+5. Per-group safety: a group never loses all its units (``min_keep``, at least ``round_to``);
+   with ``round_to`` > 1 units leave a group in blocks, so that its kept count stays a multiple
+   of ``round_to``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+
+from cswap.categorize import Ranking
+from cswap.errors import CswapError
+from cswap.units import UnitSpace
+
+TARGET_REACHED = "target_reached"
+CANDIDATES_EXHAUSTED = "candidates_exhausted"
+TOLERANCE_UNMET = "tolerance_unmet"
+
+
+@dataclass(frozen=True)
+class Validation:
+    accuracy: float
+    paired_se: float  # sqrt(b + c) / n against the unpruned model's predictions
+    images: int
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    target_params: float | None = None
+    target_macs: float | None = None
+    tolerance: float = 0.005
+    initial_chunk: float = 0.01
+    rescore_every: float = 0.10
+    round_to: int = 1
+    min_keep: int = 1
+    patience: int = 8
+    max_steps: int = 10_000
+
+    def __post_init__(self) -> None:
+        if self.target_params is None and self.target_macs is None:
+            raise CswapError(
+                "No target given.", "pass target_params=R or target_macs=R with R in (0, 1)."
+            )
+        for name in ("target_params", "target_macs"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 < value < 1.0:
+                raise CswapError(
+                    f"{name}={value} is outside (0, 1): it is the fraction to remove.",
+                    "pass e.g. 0.5 to remove half.",
+                )
+        if not 0.0 <= self.tolerance < 1.0:
+            raise CswapError(
+                f"tolerance={self.tolerance} is outside [0, 1): it is an accuracy fraction.",
+                "pass e.g. 0.005 for half a point.",
+            )
+        if self.round_to < 1 or self.min_keep < 1:
+            raise CswapError("round_to and min_keep must be >= 1.", "use e.g. round_to=8.")
+        if not 0.0 < self.initial_chunk <= 1.0 or not 0.0 < self.rescore_every <= 1.0:
+            raise CswapError(
+                "initial_chunk and rescore_every are fractions in (0, 1].", "use e.g. 0.01."
+            )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Step:
+    index: int
+    units: tuple[int, ...]
+    accepted: bool
+    params: int  # of the model if the step is accepted
+    macs: int
+    val_accuracy: float
+    paired_se: float
+    rescored_after: bool = False
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["units"] = list(self.units)
+        data["units_tried"] = len(self.units)
+        return data
+
+
+@dataclass(frozen=True)
+class ScheduleState:
+    """Everything needed to resume: written to the checkpoint after every accepted step."""
+
+    removed: tuple[int, ...] = ()
+    failed: tuple[int, ...] = ()
+    steps: tuple[Step, ...] = ()
+    chunk_params: float = 0.0
+    params_at_last_ranking: int = 0
+    consecutive_failures: int = 0
+
+
+@dataclass(frozen=True)
+class ScheduleResult:
+    removed: tuple[int, ...]  # in removal order
+    removed_at_step: dict[int, int]
+    failed: tuple[int, ...]
+    steps: tuple[Step, ...]
+    stop_reason: str
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+    baseline_accuracy: float
+    final_validation: Validation
+
+
+Rank = Callable[[tuple[int, ...]], Ranking]
+Validate = Callable[[tuple[int, ...]], Validation]
+OnStep = Callable[[ScheduleState, Step, Ranking | None], None]
+
+
+def target_reached(space: UnitSpace, config: ScheduleConfig, removed: Sequence[int]) -> bool:
+    reached = []
+    if config.target_params is not None:
+        limit = (1.0 - config.target_params) * space.params_total
+        reached.append(space.params_after(removed) <= limit)
+    if config.target_macs is not None:
+        limit = (1.0 - config.target_macs) * space.macs_total
+        reached.append(space.macs_after(removed) <= limit)
+    return any(reached)
+
+
+def make_blocks(
+    space: UnitSpace, order: Sequence[int], removed: Sequence[int], config: ScheduleConfig
+) -> list[tuple[int, ...]]:
+    """Candidates as removable blocks in ranking order, honouring per-group safety and round_to.
+
+    With round_to = 1 a block is one unit. With round_to = k, a group of n units with m already
+    removed first gives a block of (n - m) mod k units (so the kept count becomes a multiple of
+    k), then blocks of k; a block takes its place in the order at its last unit.
+    """
+    removed_per_group: dict[int, int] = defaultdict(int)
+    for unit_id in removed:
+        removed_per_group[space.units[unit_id].group] += 1
+    step = config.round_to
+    floor = math.ceil(max(config.min_keep, 1) / step) * step
+    pending: dict[int, list[int]] = defaultdict(list)
+    closed: set[int] = set()
+    blocks = []
+    for unit_id in order:
+        group = space.groups[space.units[unit_id].group]
+        if group.id in closed:
+            continue
+        kept = group.size - removed_per_group[group.id]
+        needed = kept % step or step
+        if kept - needed < floor:
+            closed.add(group.id)  # per-group safety: this group gives up no more units
+            continue
+        pending[group.id].append(unit_id)
+        if len(pending[group.id]) == needed:
+            blocks.append(tuple(pending.pop(group.id)))
+            removed_per_group[group.id] += needed
+    return blocks
+
+
+def run_schedule(
+    space: UnitSpace,
+    config: ScheduleConfig,
+    rank: Rank,
+    validate: Validate,
+    *,
+    baseline: Validation,
+    state: ScheduleState | None = None,
+    on_step: OnStep | None = None,
+) -> ScheduleResult:
+    """Remove units progressively until the target, the candidates or the tolerance runs out."""
+    prunable = max(1, space.prunable_params)
+    state = state or ScheduleState(
+        chunk_params=config.initial_chunk * prunable, params_at_last_ranking=space.params_total
+    )
+    threshold = baseline.accuracy - config.tolerance
+    ranking = rank(state.removed)
+    blocks = _fresh_blocks(space, ranking, state, config)
+    stop_reason = CANDIDATES_EXHAUSTED
+    while True:
+        if target_reached(space, config, state.removed):
+            stop_reason = TARGET_REACHED
+            break
+        if not blocks:
+            stop_reason = CANDIDATES_EXHAUSTED
+            break
+        if len(state.steps) >= config.max_steps:
+            break
+        chunk_blocks = _take_chunk(space, config, blocks, state)
+        chunk = tuple(unit for block in chunk_blocks for unit in block)
+        trial = (*state.removed, *chunk)
+        validation = validate(trial)
+        accepted = validation.accuracy >= threshold
+        step = Step(
+            index=len(state.steps),
+            units=chunk,
+            accepted=accepted,
+            params=space.params_after(trial),
+            macs=space.macs_after(trial),
+            val_accuracy=validation.accuracy,
+            paired_se=validation.paired_se,
+        )
+        new_ranking = None
+        if accepted:
+            blocks = blocks[len(chunk_blocks) :]
+            state = replace(
+                state,
+                removed=trial,
+                chunk_params=2 * max(state.chunk_params, _params_of(space, chunk)),
+                consecutive_failures=0,
+            )
+            removed_params = state.params_at_last_ranking - space.params_after(state.removed)
+            if removed_params >= config.rescore_every * space.params_total and blocks:
+                new_ranking = ranking = rank(state.removed)
+                state = replace(state, params_at_last_ranking=space.params_after(state.removed))
+                blocks = _fresh_blocks(space, ranking, state, config)
+                step = replace(step, rescored_after=True)
+        elif len(chunk_blocks) == 1:
+            blocks = blocks[1:]
+            state = replace(
+                state,
+                failed=(*state.failed, *chunk),
+                consecutive_failures=state.consecutive_failures + 1,
+            )
+        else:
+            state = replace(state, chunk_params=_params_of(space, chunk) / 2)
+        state = replace(state, steps=(*state.steps, step))
+        if on_step is not None:
+            on_step(state, step, new_ranking)
+        if state.consecutive_failures >= config.patience:
+            stop_reason = TOLERANCE_UNMET
+            break
+    removed_at_step = {}
+    for step in state.steps:
+        if step.accepted:
+            removed_at_step.update(dict.fromkeys(step.units, step.index))
+    final = validate(state.removed) if state.removed else baseline
+    return ScheduleResult(
+        removed=state.removed,
+        removed_at_step=removed_at_step,
+        failed=state.failed,
+        steps=state.steps,
+        stop_reason=stop_reason,
+        params_before=space.params_total,
+        params_after=space.params_after(state.removed),
+        macs_before=space.macs_total,
+        macs_after=space.macs_after(state.removed),
+        baseline_accuracy=baseline.accuracy,
+        final_validation=final,
+    )
+
+
+def _params_of(space: UnitSpace, units: Sequence[int]) -> int:
+    return sum(space.units[unit].params for unit in units)
+
+
+def _fresh_blocks(space, ranking, state, config) -> list[tuple[int, ...]]:
+    skip = set(state.removed) | set(state.failed)
+    order = [unit for unit in ranking.order if unit not in skip]
+    return make_blocks(space, order, state.removed, config)
+
+
+def _take_chunk(space, config, blocks, state) -> list[tuple[int, ...]]:
+    """Leading blocks worth about ``chunk_params`` parameters, trimmed at the target."""
+    chunk: list[tuple[int, ...]] = []
+    total = 0
+    removed = list(state.removed)
+    for block in blocks:
+        chunk.append(block)
+        total += _params_of(space, block)
+        removed.extend(block)
+        if total >= state.chunk_params or target_reached(space, config, removed):
+            break
+    return chunk

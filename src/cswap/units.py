@@ -1,0 +1,422 @@
+"""Units: the smallest structures that can be removed on their own.
+
+A CNN unit is index ``i`` of a coupled channel group found by Torch-Pruning's dependency graph: an
+output channel of a convolution (or hidden neuron of a Linear) with everything coupled to it (its
+BatchNorm entry, the input channel of each consumer, the same channel of every block of a residual
+stage). The model input and the classifier's output classes are never units, nor is anything in a
+layer the user ignores.
+
+A unit is removed *exactly* by masking its indices at the input of every consumer in its group
+(convolutions and Linears that read it): the physically pruned model computes the same thing
+(``cswap.intervene``). Groups where that is not exact (a normalisation that mixes channels, such as
+LayerNorm or GroupNorm, or a consumer cswap cannot mask) are excluded and listed with the reason.
+
+The unit space also does the accounting: parameters and MACs of the model after removing any set
+of units, computed from per-layer kept fractions (exact for convolutions, Linears and per-channel
+norms; checked against the physically pruned model by the tests).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch_pruning as tp
+from torch import nn
+from torch.utils import flop_counter
+
+from cswap.errors import CswapError
+
+_MIXING_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
+_PER_CHANNEL_NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+
+
+@dataclass(frozen=True)
+class MaskTarget:
+    """Indices of a consumer layer's input that carry a unit: ``dim`` 1 (conv) or -1 (Linear)."""
+
+    layer: str
+    dim: int
+    indices: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Unit:
+    id: int
+    group: int
+    index: int  # original numbering, in the group's root layer
+    kind: str  # "channel" | "neuron" | "head"
+    layers: tuple[str, ...]  # every layer the unit spans
+    params: int  # parameters removed with this unit alone
+    macs: int  # MACs (per image) removed with this unit alone
+    targets: tuple[MaskTarget, ...]
+
+    def to_dict(self) -> dict:
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "group": self.group,
+            "layers": list(self.layers),
+            "index": self.index,
+            "params": self.params,
+            "macs": self.macs,
+        }
+
+
+@dataclass(frozen=True)
+class UnitGroup:
+    id: int
+    root: str  # root layer name
+    kind: str
+    size: int
+    layers: tuple[str, ...]
+    unit_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ExcludedGroup:
+    root: str
+    size: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class _DimTerm:
+    """A tensor (or a layer's MACs) that shrinks with the kept fraction of some dimensions."""
+
+    amount: int
+    dims: tuple[tuple[str, str], ...]  # (layer, "out" | "in")
+
+
+@dataclass(frozen=True)
+class UnitSpace:
+    """All units of a model, their groups, and exact params / MACs accounting."""
+
+    units: tuple[Unit, ...]
+    groups: tuple[UnitGroup, ...]
+    excluded: tuple[ExcludedGroup, ...]
+    protected_layers: tuple[str, ...]
+    params_total: int
+    macs_total: int  # per image
+    dim_sizes: dict[tuple[str, str], int] = field(repr=False)
+    # unit id -> ((layer, "out"|"in"), how many indices of that dimension the unit removes), ...
+    unit_dims: dict[int, tuple[tuple[tuple[str, str], int], ...]] = field(repr=False)
+    param_terms: tuple[_DimTerm, ...] = field(repr=False)
+    mac_terms: tuple[_DimTerm, ...] = field(repr=False)
+
+    def __len__(self) -> int:
+        return len(self.units)
+
+    @property
+    def prunable_params(self) -> int:
+        return sum(unit.params for unit in self.units)
+
+    def _kept_fractions(self, removed: Iterable[int]) -> dict[tuple[str, str], float]:
+        gone: dict[tuple[str, str], int] = defaultdict(int)
+        for unit_id in set(removed):
+            for key, count in self.unit_dims[unit_id]:
+                gone[key] += count
+        return {key: 1.0 - count / self.dim_sizes[key] for key, count in gone.items()}
+
+    def _total(self, terms: Sequence[_DimTerm], fixed: int, removed: Iterable[int]) -> int:
+        fractions = self._kept_fractions(removed)
+        total = float(fixed)
+        for term in terms:
+            scale = 1.0
+            for dim in term.dims:
+                scale *= fractions.get(dim, 1.0)
+            total += term.amount * scale
+        return round(total)
+
+    def params_after(self, removed: Iterable[int]) -> int:
+        fixed = self.params_total - sum(term.amount for term in self.param_terms)
+        return self._total(self.param_terms, fixed, removed)
+
+    def macs_after(self, removed: Iterable[int]) -> int:
+        fixed = self.macs_total - sum(term.amount for term in self.mac_terms)
+        return self._total(self.mac_terms, fixed, removed)
+
+    def group_of(self, unit_id: int) -> UnitGroup:
+        return self.groups[self.units[unit_id].group]
+
+    def removal_plan(self, removed: Iterable[int]) -> dict[str, list[int]]:
+        """Root layer name -> original indices to remove, for surgery and for the saved spec."""
+        plan: dict[str, list[int]] = defaultdict(list)
+        for unit_id in sorted(set(removed)):
+            unit = self.units[unit_id]
+            plan[self.groups[unit.group].root].append(unit.index)
+        return {root: sorted(indices) for root, indices in plan.items()}
+
+    def units_from_plan(self, plan: dict[str, Sequence[int]]) -> list[int]:
+        by_key = {(self.groups[u.group].root, u.index): u.id for u in self.units}
+        try:
+            return sorted(by_key[(root, int(i))] for root, indices in plan.items() for i in indices)
+        except KeyError as error:
+            raise CswapError(
+                f"The removal plan names a unit {error} that this model does not have.",
+                "replay a plan onto the same architecture it was made for.",
+            ) from error
+
+
+def module_names(model: nn.Module) -> dict[nn.Module, str]:
+    return {module: name for name, module in model.named_modules()}
+
+
+def classifier_layers(model: nn.Module, example_input: torch.Tensor) -> tuple[list[str], int]:
+    """The layers that produce the class logits (protected), and the number of classes.
+
+    Refuses a model whose output is not (batch, classes).
+    """
+    names = module_names(model)
+    executed: list[tuple[str, tuple[int, ...]]] = []
+
+    def record(module, _inputs, output):
+        if isinstance(output, torch.Tensor):
+            executed.append((names[module], tuple(output.shape)))
+
+    handles = [
+        module.register_forward_hook(record)
+        for module in model.modules()
+        if isinstance(module, nn.Conv2d | nn.Linear | nn.Conv1d)
+    ]
+    try:
+        with torch.no_grad():
+            output = model(example_input)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not isinstance(output, torch.Tensor) or output.dim() != 2:
+        shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+        raise CswapError(
+            f"The model's output is {shape}, not (batch, classes): it is not an image classifier.",
+            "wrap it so that forward(images) returns logits of shape (batch, classes).",
+        )
+    num_classes = output.shape[1]
+    candidates = [name for name, shape in executed if len(shape) >= 2 and shape[1] == num_classes]
+    if not candidates:
+        candidates = [name for name, shape in executed if shape[-1] == num_classes]
+    if not candidates:
+        raise CswapError(
+            "Cannot find the layer that produces the class logits.",
+            "pass it in ignored_layers (--ignore LAYER).",
+        )
+    return [candidates[-1]], num_classes
+
+
+def _mac_per_module(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]:
+    """MACs of each module itself (children excluded), for one image."""
+    counter = flop_counter.FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(example_input[:1])
+    inclusive = {}
+    for key, ops in counter.get_flop_counts().items():
+        if key == "Global":
+            continue
+        _, _, path = key.partition(".")
+        inclusive[path] = sum(ops.values()) // 2
+    own = dict(inclusive)
+    for path, value in inclusive.items():
+        if path:
+            parent = path.rpartition(".")[0]
+            if parent in own or parent == "":
+                own[parent] = own.get(parent, 0) - value
+    return own
+
+
+def _is_depthwise(module: nn.Module) -> bool:
+    return isinstance(module, nn.Conv2d | nn.Conv1d) and module.groups > 1
+
+
+def discover_units(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    *,
+    ignored_layers: Sequence[str] = (),
+) -> UnitSpace:
+    """Find every unit of ``model`` (channels of conv groups, neurons of Linear groups)."""
+    names = module_names(model)
+    by_name = dict(model.named_modules())
+    unknown = [name for name in ignored_layers if name not in by_name]
+    if unknown:
+        raise CswapError(
+            f"Ignored layer(s) {unknown} are not in the model.",
+            "use names from model.named_modules().",
+        )
+    protected, _ = classifier_layers(model, example_input)
+    was_training = model.training
+    model.eval()
+    try:
+        graph = tp.DependencyGraph().build_dependency(model, example_input, verbose=False)
+        ignored_modules = [by_name[name] for name in (*protected, *ignored_layers)]
+        raw_groups = list(
+            graph.get_all_groups(
+                ignored_layers=ignored_modules,
+                root_module_types=(nn.Conv2d, nn.Conv1d, nn.Linear),
+            )
+        )
+        macs_per_module = _mac_per_module(model, example_input)
+    finally:
+        model.train(was_training)
+    return _build_space(model, graph, raw_groups, names, protected, macs_per_module)
+
+
+def _build_space(model, graph, raw_groups, names, protected, macs_per_module) -> UnitSpace:
+    units: list[Unit] = []
+    groups: list[UnitGroup] = []
+    excluded: list[ExcludedGroup] = []
+    dim_sizes: dict[tuple[str, str], int] = {}
+    unit_dims: dict[int, list[tuple[tuple[str, str], int]]] = defaultdict(list)
+
+    order = {module: position for position, module in enumerate(names)}
+    raw_groups = sorted(raw_groups, key=lambda raw: order.get(raw[0].dep.target.module, 0))
+    for raw in raw_groups:
+        root_module = raw[0].dep.target.module
+        root = names.get(root_module, "?")
+        size = len(raw[0].idxs)
+        reason = _exclusion_reason(graph, raw, names)
+        if reason is None and size < 2:
+            reason = "a single channel: removing it would remove the whole layer"
+        if reason is not None:
+            excluded.append(ExcludedGroup(root, size, reason))
+            continue
+        group_id = len(groups)
+        kind = "neuron" if isinstance(root_module, nn.Linear) else "channel"
+        layers: list[str] = []
+        consumers = []
+        per_unit_dims: list[tuple[tuple[str, str], list[int]]] = []
+        for item in raw:
+            module = item.dep.target.module
+            if not isinstance(module, nn.Module) or module not in names:
+                continue  # Torch-Pruning's own op nodes (add, concat, flatten, ...)
+            name = names[module]
+            if name not in layers:
+                layers.append(name)
+            is_out = graph.is_out_channel_pruning_fn(item.dep.handler)
+            if is_out or _is_depthwise(module):
+                total = graph.get_out_channels(module)
+                key = (name, "out")
+            else:
+                total = graph.get_in_channels(module)
+                key = (name, "in")
+                consumers.append(item)
+            if key in dict(per_unit_dims):  # e.g. a depthwise conv reached twice
+                continue
+            dim_sizes[key] = total
+            per_unit_dims.append((key, list(item.root_idxs)))
+        first_id = len(units)
+        for index in range(size):
+            unit_id = first_id + index
+            targets = []
+            for item in consumers:
+                module = item.dep.target.module
+                pairs = zip(item.idxs, item.root_idxs, strict=True)
+                indices = tuple(i for i, root in pairs if root == index)
+                dim = 1 if isinstance(module, nn.Conv2d | nn.Conv1d) else -1
+                targets.append(MaskTarget(names[module], dim, indices))
+            units.append(Unit(unit_id, group_id, index, kind, tuple(layers), 0, 0, tuple(targets)))
+        for key, roots in per_unit_dims:
+            counts = np.bincount(np.asarray(roots, dtype=np.int64), minlength=size)
+            for index in range(size):
+                if counts[index]:
+                    unit_dims[first_id + index].append((key, int(counts[index])))
+        unit_ids = tuple(range(first_id, first_id + size))
+        groups.append(UnitGroup(group_id, root, kind, size, tuple(layers), unit_ids))
+
+    param_terms, mac_terms = _accounting_terms(model, names, dim_sizes, macs_per_module)
+    space = UnitSpace(
+        units=tuple(units),
+        groups=tuple(groups),
+        excluded=tuple(excluded),
+        protected_layers=tuple(protected),
+        params_total=sum(p.numel() for p in model.parameters()),
+        macs_total=sum(macs_per_module.values()),
+        dim_sizes=dict(dim_sizes),
+        unit_dims={unit: tuple(dims) for unit, dims in unit_dims.items()},
+        param_terms=tuple(param_terms),
+        mac_terms=tuple(mac_terms),
+    )
+    return _with_unit_costs(space)
+
+
+def _exclusion_reason(graph, raw, names) -> str | None:
+    has_consumer = False
+    for item in raw:
+        module = item.dep.target.module
+        if not isinstance(module, nn.Module):
+            return "couples a bare parameter (e.g. an embedding); masking is not removal there"
+        if module not in names:
+            continue  # Torch-Pruning's own op nodes (add, concat, flatten, ...)
+        if isinstance(module, _MIXING_NORMS):
+            return f"{names[module]} normalises across channels; masking is not removal there"
+        is_out = graph.is_out_channel_pruning_fn(item.dep.handler)
+        if is_out or _is_depthwise(module):
+            continue
+        if isinstance(module, nn.Conv2d | nn.Conv1d | nn.Linear):
+            has_consumer = True
+        elif not isinstance(module, _PER_CHANNEL_NORMS):
+            return f"consumer {names[module]} ({type(module).__name__}) cannot be masked"
+    if not has_consumer:
+        return "no layer reads these channels (they reach the output directly)"
+    return None
+
+
+def _accounting_terms(model, names, dim_sizes, macs_per_module):
+    param_terms, mac_terms = [], []
+    for module in model.modules():
+        name = names[module]
+        out_key, in_key = (name, "out"), (name, "in")
+        has_out, has_in = out_key in dim_sizes, in_key in dim_sizes
+        if not (has_out or has_in):
+            continue
+        for parameter in module.parameters(recurse=False):
+            dims = []
+            if has_out and parameter.shape[0] == dim_sizes[out_key]:
+                dims.append(out_key)
+            if (
+                has_in
+                and parameter.dim() >= 2
+                and isinstance(module, nn.Conv2d | nn.Conv1d | nn.Linear)
+                and parameter.shape[1] == dim_sizes[in_key]
+            ):
+                dims.append(in_key)
+            if dims:
+                param_terms.append(_DimTerm(parameter.numel(), tuple(dims)))
+        macs = macs_per_module.get(name, 0)
+        if macs:
+            dims = [key for key in (out_key, in_key) if key in dim_sizes]
+            mac_terms.append(_DimTerm(macs, tuple(dims)))
+    return param_terms, mac_terms
+
+
+def _with_unit_costs(space: UnitSpace) -> UnitSpace:
+    """Fill in each unit's own params / MACs (what removing it alone saves)."""
+    params_total = space.params_after(())
+    macs_total = space.macs_after(())
+    units = tuple(
+        Unit(
+            unit.id,
+            unit.group,
+            unit.index,
+            unit.kind,
+            unit.layers,
+            params_total - space.params_after((unit.id,)),
+            macs_total - space.macs_after((unit.id,)),
+            unit.targets,
+        )
+        for unit in space.units
+    )
+    return UnitSpace(
+        units,
+        space.groups,
+        space.excluded,
+        space.protected_layers,
+        space.params_total,
+        space.macs_total,
+        space.dim_sizes,
+        space.unit_dims,
+        space.param_terms,
+        space.mac_terms,
+    )

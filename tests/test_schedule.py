@@ -1,0 +1,141 @@
+"""The progressive schedule with fake rankings and validations: no model runs here."""
+
+import itertools
+from collections import Counter
+
+import pytest
+import torch
+
+from conftest import TinyNet
+from cswap.categorize import Ranking
+from cswap.errors import CswapError
+from cswap.schedule import (
+    CANDIDATES_EXHAUSTED,
+    TARGET_REACHED,
+    TOLERANCE_UNMET,
+    ScheduleConfig,
+    Validation,
+    make_blocks,
+    run_schedule,
+)
+from cswap.units import discover_units
+
+SPACE = discover_units(TinyNet(width=16), torch.zeros(1, 1, 14, 14))
+BASELINE = Validation(accuracy=0.9, paired_se=0.0, images=1000)
+
+
+def ranker(order=None, calls=None):
+    def rank(removed):
+        if calls is not None:
+            calls.append(len(removed))
+        gone = set(removed)
+        units = order if order is not None else [u.id for u in SPACE.units]
+        return Ranking(order=tuple(u for u in units if u not in gone))
+
+    return rank
+
+
+def validator(bad=frozenset(), cost=0.01):
+    def validate(removed):
+        return Validation(0.9 - cost * len(set(removed) & bad), 0.001, 1000)
+
+    return validate
+
+
+def test_reaches_the_target_without_touching_harmful_units():
+    bad = frozenset(range(0, len(SPACE), 7))
+    config = ScheduleConfig(target_params=0.4, tolerance=0.005)
+    result = run_schedule(SPACE, config, ranker(), validator(bad), baseline=BASELINE)
+    assert result.stop_reason == TARGET_REACHED
+    assert result.params_after <= 0.6 * SPACE.params_total
+    assert not set(result.removed) & bad
+    assert set(result.failed) <= bad and result.failed
+    # trimmed at the target: one unit fewer would not have reached it
+    last_unit = result.removed[-1]
+    assert result.params_after + SPACE.units[last_unit].params > 0.6 * SPACE.params_total - 1
+
+
+def test_macs_target_and_first_of_two_targets():
+    config = ScheduleConfig(target_macs=0.3)
+    result = run_schedule(SPACE, config, ranker(), validator(), baseline=BASELINE)
+    assert result.stop_reason == TARGET_REACHED
+    assert result.macs_after <= 0.7 * SPACE.macs_total
+    both = ScheduleConfig(target_params=0.9, target_macs=0.1)
+    result = run_schedule(SPACE, both, ranker(), validator(), baseline=BASELINE)
+    assert result.macs_after <= 0.9 * SPACE.macs_total
+    assert result.params_after > 0.1 * SPACE.params_total
+
+
+def test_stops_when_no_chunk_passes():
+    config = ScheduleConfig(target_params=0.5, patience=3)
+    everything_bad = frozenset(range(len(SPACE)))
+    result = run_schedule(SPACE, config, ranker(), validator(everything_bad), baseline=BASELINE)
+    assert result.stop_reason == TOLERANCE_UNMET
+    assert result.removed == ()
+    assert len(result.failed) == 3
+    # chunk halving: every rejected chunk is at most half the size of the one before it
+    sizes = [len(step.units) for step in result.steps]
+    assert all(b <= max(1, a // 2) + 1 for a, b in itertools.pairwise(sizes))
+
+
+def test_stops_when_candidates_run_out():
+    config = ScheduleConfig(target_params=0.9)
+    few = [SPACE.groups[-1].unit_ids[0], SPACE.groups[-1].unit_ids[1]]
+    result = run_schedule(SPACE, config, ranker(order=few), validator(), baseline=BASELINE)
+    assert result.stop_reason == CANDIDATES_EXHAUSTED
+    assert sorted(result.removed) == sorted(few)
+
+
+def test_every_group_keeps_a_unit():
+    config = ScheduleConfig(target_params=0.99)
+    result = run_schedule(SPACE, config, ranker(), validator(), baseline=BASELINE)
+    per_group = Counter(SPACE.units[u].group for u in result.removed)
+    for group in SPACE.groups:
+        assert per_group[group.id] <= group.size - 1
+
+
+def test_round_to_keeps_counts_multiples():
+    config = ScheduleConfig(target_params=0.99, round_to=4)
+    result = run_schedule(SPACE, config, ranker(), validator(), baseline=BASELINE)
+    per_group = Counter(SPACE.units[u].group for u in result.removed)
+    for group in SPACE.groups:
+        kept = group.size - per_group[group.id]
+        assert kept % 4 == 0 and kept >= 4
+
+
+def test_blocks_with_round_to_start_by_rounding_the_group_down():
+    group = SPACE.groups[0]  # 16 units
+    config = ScheduleConfig(target_params=0.5, round_to=3)
+    blocks = make_blocks(SPACE, list(group.unit_ids), [], config)
+    assert [len(block) for block in blocks] == [1, 3, 3, 3, 3]  # 16 -> 15 -> ... -> 3
+
+
+def test_rescoring_after_each_fraction_of_params():
+    calls = []
+    config = ScheduleConfig(target_params=0.5, rescore_every=0.1)
+    run_schedule(SPACE, config, ranker(calls=calls), validator(), baseline=BASELINE)
+    assert calls[0] == 0 and len(calls) >= 3
+    assert calls == sorted(calls)
+
+
+def test_same_inputs_same_result():
+    bad = frozenset(range(3, len(SPACE), 5))
+    config = ScheduleConfig(target_params=0.4)
+    a = run_schedule(SPACE, config, ranker(), validator(bad), baseline=BASELINE)
+    b = run_schedule(SPACE, config, ranker(), validator(bad), baseline=BASELINE)
+    assert a.removed == b.removed and a.steps == b.steps
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"target_params": 0.0},
+        {"target_params": 1.0},
+        {"target_macs": -0.2},
+        {"target_params": 0.5, "tolerance": 2.0},
+    ],
+)
+def test_bad_targets_are_refused(kwargs):
+    with pytest.raises(CswapError):
+        ScheduleConfig(**kwargs)
