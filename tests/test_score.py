@@ -78,3 +78,27 @@ def test_batch_size_does_not_change_the_effects(trained_tiny, fashion_small):
         assert np.allclose(a.relative_effects, b.relative_effects, rtol=1e-9, atol=1e-12)
     finally:
         model.float()
+
+
+def test_prefix_reuse_is_exact_on_resnet_and_vgg_in_float64(fashion_small):
+    from conftest import randomize_batchnorm
+    from cswap.zoo.registry import ZOO
+    from cswap.zoo.store import build
+
+    for name in ("resnet20", "vgg"):
+        model = randomize_batchnorm(build(ZOO[name])).double().eval()
+        images = torch.randn(6, 1, 28, 28, dtype=torch.float64)
+        labels = torch.arange(6) % 10
+        space = discover_units(model, images[:1])
+        rng = np.random.default_rng(0)
+        units = sorted(rng.choice(len(space), 40, replace=False).tolist())
+        # a dead unit: zero input weights in every consumer, so its effect is exactly zero
+        dead = space.groups[1].unit_ids[0]
+        units.append(dead)
+        for target in space.units[dead].targets:
+            model.get_submodule(target.layer).weight.data[:, list(target.indices)] = 0
+        naive = causal_effects(model, space, images, labels, units=units, prefix_reuse=False)
+        fast = causal_effects(model, space, images, labels, units=units, batch_size=4)
+        assert np.allclose(fast.relative_effects, naive.relative_effects, rtol=1e-6, atol=1e-9)
+        assert np.allclose(fast.baseline, naive.baseline, rtol=1e-12)
+        assert np.all(fast.relative_effects[-1] == 0)

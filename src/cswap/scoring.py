@@ -20,9 +20,10 @@ import torch
 from torch import nn
 
 from cswap.intervene import removed
+from cswap.suffix import SuffixRunner, try_suffix_runner
 from cswap.units import UnitSpace
 
-Progress = Callable[[int], None]
+Progress = Callable[[float], None]
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,21 @@ def true_class_probability(
     return torch.cat(out)
 
 
+def _cut_layer(space: UnitSpace, unit_id: int, runner: SuffixRunner | None) -> str | None:
+    """The unit's earliest consumer in the traced graph: everything before it is unchanged."""
+    if runner is None:
+        return None
+    layers = [target.layer for target in space.units[unit_id].targets]
+    if not layers or not all(runner.supports(layer) for layer in layers):
+        return None
+    return min(layers, key=lambda layer: runner.cut_index[layer])
+
+
+def _true_class(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    probabilities = torch.softmax(logits, dim=1)
+    return probabilities.gather(1, labels.view(-1, 1)).squeeze(1).cpu()
+
+
 def causal_effects(
     model: nn.Module,
     space: UnitSpace,
@@ -63,29 +79,54 @@ def causal_effects(
     already_removed: Sequence[int] = (),
     batch_size: int = 256,
     device: str = "cpu",
+    prefix_reuse: bool = True,
     progress: Progress | None = None,
 ) -> CausalEffects:
     """Exact per-sample relative effects of removing each unit in ``units`` (default: all units
-    not already removed), one intervention per forward pass over the calibration batches."""
+    not already removed), one intervention per forward pass over each calibration batch.
+
+    ``prefix_reuse`` reruns only the layers from the unit's first consumer onward (exact: the same
+    operations on the same values); models that cannot be traced fall back to full passes.
+    """
     already = sorted(set(already_removed))
     if units is None:
         gone = set(already)
         units = [unit.id for unit in space.units if unit.id not in gone]
+    units = list(units)
+    runner = None
+    if prefix_reuse and units:
+        consumers = {t.layer for unit in units for t in space.units[unit].targets}
+        runner = try_suffix_runner(model, consumers)
+    cuts = [_cut_layer(space, unit, runner) for unit in units]
     was_training = model.training
     model.eval()
+    baseline = np.empty(len(images), dtype=np.float64)
+    intervened = np.empty((len(units), len(images)), dtype=np.float64)
     try:
-        with removed(model, space, already):
-            baseline = true_class_probability(model, images, labels, batch_size, device)
-        baseline = baseline.to(torch.float64).numpy()
-        effects = np.empty((len(units), len(images)), dtype=np.float64)
-        for row, unit_id in enumerate(units):
-            with removed(model, space, [*already, unit_id]):
-                intervened = true_class_probability(model, images, labels, batch_size, device)
-            effects[row] = (intervened.to(torch.float64).numpy() - baseline) / baseline
-            if progress is not None:
-                progress(1)
+        with torch.no_grad():
+            for start in range(0, len(images), batch_size):
+                batch = images[start : start + batch_size].to(device)
+                target = labels[start : start + batch_size].to(device)
+                stop = start + len(batch)
+                with removed(model, space, already):
+                    if runner is not None:
+                        logits, caches = runner.full(batch)
+                    else:
+                        logits, caches = model(batch), {}
+                baseline[start:stop] = _true_class(logits, target).to(torch.float64).numpy()
+                for row, (unit_id, cut) in enumerate(zip(units, cuts, strict=True)):
+                    with removed(model, space, [*already, unit_id]):
+                        logits = model(batch) if cut is None else runner.run_from(cut, caches[cut])
+                    intervened[row, start:stop] = (
+                        _true_class(logits, target).to(torch.float64).numpy()
+                    )
+                if progress is not None:
+                    progress(len(batch) / len(images) * len(units))
     finally:
         model.train(was_training)
+    # A true-class probability that underflows to 0 would make r infinite.
+    safe_baseline = np.maximum(baseline, np.finfo(np.float64).tiny)
+    effects = (intervened - baseline) / safe_baseline
     return CausalEffects(
         unit_ids=np.asarray(units, dtype=np.int64),
         relative_effects=effects,
