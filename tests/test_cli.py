@@ -28,3 +28,43 @@ def test_unavailable_cuda_is_refused(monkeypatch):
     result = runner.invoke(app, ["zoo", "eval", "vgg", "--device", "cuda"])
     assert result.exit_code == 2
     assert "no CUDA GPU" in result.stderr
+
+
+def test_prune_with_a_bad_target_writes_nothing(tmp_path):
+    out = tmp_path / "out"
+    result = runner.invoke(
+        app, ["prune", "--model", "zoo:vgg", "--target-params", "1.5", "--out", str(out)]
+    )
+    assert result.exit_code == 2
+    assert "outside (0, 1)" in result.stderr
+    assert not out.exists()
+
+
+def test_prune_refuses_an_output_directory_with_a_report(tmp_path):
+    (tmp_path / "report.json").write_text("{}")
+    result = runner.invoke(
+        app, ["prune", "--model", "zoo:vgg", "--target-params", "0.5", "--out", str(tmp_path)]
+    )
+    assert result.exit_code == 2
+    assert "already holds a report" in result.stderr
+    assert "--overwrite" in result.stderr
+
+
+def test_prune_with_an_unknown_data_spec(tmp_path):
+    result = runner.invoke(
+        app,
+        [
+            "prune",
+            "--model",
+            "zoo:vgg",
+            "--data",
+            "mnist",
+            "--target-params",
+            "0.5",
+            "--out",
+            str(tmp_path / "x"),
+        ],
+    )
+    assert result.exit_code == 2
+    assert "Unknown data spec" in result.stderr
+    assert not (tmp_path / "x").exists()

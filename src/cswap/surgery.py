@@ -8,6 +8,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from cswap.adapters import find_head_sites
 from cswap.errors import CswapError
 from cswap.intervene import removed
 from cswap.units import UnitSpace
@@ -36,9 +37,17 @@ def apply_plan(
         )
     was_training = model.training
     model.eval()
+    sites = {site.attention: (adapter, site) for adapter, site in find_head_sites(model)}
     try:
-        graph = tp.DependencyGraph().build_dependency(model, example_input, verbose=False)
         for root, indices in plan.items():
+            if root in sites:  # heads: the adapter keeps the attention module's attributes in sync
+                adapter, site = sites[root]
+                adapter.remove_heads(model, site, list(indices))
+        channel_plan = {root: ix for root, ix in plan.items() if root not in sites}
+        if not channel_plan:
+            return model
+        graph = tp.DependencyGraph().build_dependency(model, example_input, verbose=False)
+        for root, indices in channel_plan.items():
             module = modules[root]
             pruner = graph.get_pruner_of_module(module)
             group = graph.get_pruning_group(module, pruner.prune_out_channels, list(indices))

@@ -28,6 +28,7 @@ import torch_pruning as tp
 from torch import nn
 from torch.utils import flop_counter
 
+from cswap.adapters import HeadSite, find_head_sites
 from cswap.errors import CswapError
 
 _MIXING_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
@@ -260,15 +261,19 @@ def discover_units(
         macs_per_module = _mac_per_module(model, example_input)
     finally:
         model.train(was_training)
-    return _build_space(model, graph, raw_groups, names, protected, macs_per_module)
+    sites = [site for _, site in find_head_sites(model)]
+    return _build_space(model, graph, raw_groups, names, protected, macs_per_module, sites)
 
 
-def _build_space(model, graph, raw_groups, names, protected, macs_per_module) -> UnitSpace:
+def _build_space(model, graph, raw_groups, names, protected, macs_per_module, sites) -> UnitSpace:
     units: list[Unit] = []
     groups: list[UnitGroup] = []
     excluded: list[ExcludedGroup] = []
     dim_sizes: dict[tuple[str, str], int] = {}
     unit_dims: dict[int, list[tuple[tuple[str, str], int]]] = defaultdict(list)
+    # Dimensions that attention adapters own: the dependency graph's coupling of them is wrong
+    # (a qkv output is not one channel per consumer input), so its groups there are dropped.
+    owned = {(layer, side) for site in sites for layer, side, _ in site.spans}
 
     order = {module: position for position, module in enumerate(names)}
     raw_groups = sorted(raw_groups, key=lambda raw: order.get(raw[0].dep.target.module, 0))
@@ -277,6 +282,8 @@ def _build_space(model, graph, raw_groups, names, protected, macs_per_module) ->
         root = names.get(root_module, "?")
         size = len(raw[0].idxs)
         reason = _exclusion_reason(graph, raw, names)
+        if reason is None and _touches(graph, raw, names, owned):
+            reason = "attention dimensions: heads are the units there (see the adapter)"
         if reason is None and size < 2:
             reason = "a single channel: removing it would remove the whole layer"
         if reason is not None:
@@ -325,6 +332,8 @@ def _build_space(model, graph, raw_groups, names, protected, macs_per_module) ->
         unit_ids = tuple(range(first_id, first_id + size))
         groups.append(UnitGroup(group_id, root, kind, size, tuple(layers), unit_ids))
 
+    for site in sites:
+        _add_head_group(model, site, units, groups, dim_sizes, unit_dims)
     param_terms, mac_terms = _accounting_terms(model, names, dim_sizes, macs_per_module)
     space = UnitSpace(
         units=tuple(units),
@@ -339,6 +348,37 @@ def _build_space(model, graph, raw_groups, names, protected, macs_per_module) ->
         mac_terms=tuple(mac_terms),
     )
     return _with_unit_costs(space)
+
+
+def _touches(graph, raw, names, owned) -> bool:
+    for item in raw:
+        module = item.dep.target.module
+        if isinstance(module, nn.Module) and module in names:
+            side = "out" if graph.is_out_channel_pruning_fn(item.dep.handler) else "in"
+            if (names[module], side) in owned:
+                return True
+    return False
+
+
+def _add_head_group(model, site: HeadSite, units, groups, dim_sizes, unit_dims) -> None:
+    """One group per attention module, one unit per head (masked at the consumer's input)."""
+    group_id = len(groups)
+    first_id = len(units)
+    for layer, side, _ in site.spans:
+        linear = model.get_submodule(layer)
+        dim_sizes[(layer, side)] = linear.out_features if side == "out" else linear.in_features
+    dim_sizes[(site.attention, "heads")] = site.num_heads
+    for head in range(site.num_heads):
+        unit_id = first_id + head
+        target = MaskTarget(site.consumer, -1, site.head_indices(head, (0,)))
+        units.append(Unit(unit_id, group_id, head, "head", site.layers, 0, 0, (target,)))
+        for layer, side, offsets in site.spans:
+            unit_dims[unit_id].append(((layer, side), site.head_dim * len(offsets)))
+        unit_dims[unit_id].append(((site.attention, "heads"), 1))
+    unit_ids = tuple(range(first_id, first_id + site.num_heads))
+    groups.append(
+        UnitGroup(group_id, site.attention, "head", site.num_heads, site.layers, unit_ids)
+    )
 
 
 def _exclusion_reason(graph, raw, names) -> str | None:
@@ -384,9 +424,12 @@ def _accounting_terms(model, names, dim_sizes, macs_per_module):
                 dims.append(in_key)
             if dims:
                 param_terms.append(_DimTerm(parameter.numel(), tuple(dims)))
+    for module in model.modules():
+        name = names[module]
+        keys = [(name, "out"), (name, "in"), (name, "heads")]
+        dims = [key for key in keys if key in dim_sizes]
         macs = macs_per_module.get(name, 0)
-        if macs:
-            dims = [key for key in (out_key, in_key) if key in dim_sizes]
+        if macs and dims:
             mac_terms.append(_DimTerm(macs, tuple(dims)))
     return param_terms, mac_terms
 

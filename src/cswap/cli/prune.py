@@ -305,8 +305,17 @@ def register(app: typer.Typer) -> None:
         device: DeviceOption = None,
         quiet: Annotated[bool, typer.Option(help="No progress bars or info logs.")] = False,
     ) -> None:
-        """Prune zoo vgg with C-SWAP and print a before / after summary."""
+        """Show the zoo, then prune zoo vgg with C-SWAP and print a before / after summary."""
+        from cswap.zoo.store import read_manifest
+
         _configure_logging(quiet)
+        typer.echo("Reference zoo (Fashion-MNIST test accuracy, from the manifest):")
+        for name, entry in read_manifest()["models"].items():
+            typer.echo(
+                f"  {name:10s} {entry['test_accuracy']:.4f}  params {entry['params']:>9,}  "
+                f"MACs {entry['macs']:>11,}"
+            )
+        typer.echo(f"Pruning zoo:vgg to {target_params:.0%} fewer parameters ...")
         report = run_prune(
             model="zoo:vgg",
             data="fashion-mnist",

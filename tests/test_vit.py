@@ -1,0 +1,102 @@
+"""Vision Transformers: heads and MLP neurons as units; masked == pruned; attributes in sync."""
+
+import random
+
+import pytest
+import torch
+
+from cswap.intervene import removed
+from cswap.measure import count_macs, count_params
+from cswap.models import load_model
+from cswap.surgery import prune_copy
+from cswap.units import discover_units
+from cswap.zoo.registry import ZOO
+from cswap.zoo.store import build
+
+
+def spread_weights(model, seed=0):
+    """Random init gives near-constant ViT outputs; larger weights make the comparison sharp."""
+    generator = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            std = 1.0 / module.in_features**0.5  # unit-scale activations, even 12 blocks deep
+            module.weight.data.normal_(0, std, generator=generator)
+            if module.bias is not None:
+                module.bias.data.normal_(0, 0.1, generator=generator)
+    return model.eval()
+
+
+TIMM = {
+    "zoo:vit": (lambda: build(ZOO["vit"]), (1, 28, 28)),
+    "timm:vit_tiny_patch16_224": (
+        lambda: (
+            load_model("timm:vit_tiny_patch16_224?num_classes=10&img_size=32&patch_size=8").model
+        ),
+        (3, 32, 32),
+    ),
+    "timm:deit_tiny_patch16_224": (
+        lambda: (
+            load_model("timm:deit_tiny_patch16_224?num_classes=10&img_size=32&patch_size=8").model
+        ),
+        (3, 32, 32),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TIMM))
+@pytest.mark.parametrize("kind", ["head", "neuron", "both"])
+def test_timm_masked_equals_pruned(name, kind):
+    factory, shape = TIMM[name]
+    model = spread_weights(factory())
+    x = torch.randn(7, *shape)
+    space = discover_units(model, x[:1])
+    kinds = {"head", "neuron"} if kind == "both" else {kind}
+    rng = random.Random(len(name))
+    units = []
+    for group in space.groups:
+        if group.kind in kinds:
+            units += rng.sample(group.unit_ids, rng.randint(1, group.size - 1))
+    pruned = prune_copy(model, space, units, x[:1])
+    with removed(model, space, units):
+        masked = model(x)
+    assert torch.allclose(masked, pruned(x), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(masked, model(x), rtol=1e-4, atol=1e-5)
+    assert space.params_after(units) == count_params(pruned)
+    assert space.macs_after(units) == count_macs(pruned, x[:1])
+    for block in pruned.blocks:
+        attention = block.attn
+        assert attention.fused_attn
+        assert attention.num_heads * attention.head_dim == attention.qkv.out_features // 3
+        assert attention.attn_dim == attention.proj.in_features
+        assert attention.scale == attention.head_dim**-0.5
+        assert block.mlp.fc1.out_features == block.mlp.fc2.in_features
+    for batch in (1, 7):
+        assert pruned(torch.randn(batch, *shape)).shape == (batch, 10)
+
+
+def test_vit_units_are_heads_and_neurons_not_the_embedding():
+    model = build(ZOO["vit"])
+    space = discover_units(model, torch.zeros(1, 1, 28, 28))
+    kinds = {group.kind for group in space.groups}
+    assert kinds == {"head", "neuron"}
+    heads = [group for group in space.groups if group.kind == "head"]
+    assert len(heads) == 6 and all(group.size == 4 for group in heads)
+    neurons = [group for group in space.groups if group.kind == "neuron"]
+    assert all(group.size == 128 for group in neurons)
+    assert any("normalises" in group.reason for group in space.excluded)  # the embedding dim
+    head = space.units[heads[0].unit_ids[0]]
+    assert head.layers == ("blocks.0.attn.qkv", "blocks.0.attn.proj")
+    # a head saves its qkv rows (with bias), proj columns and its share of attention MACs
+    assert head.params == 3 * 16 * (64 + 1) + 16 * 64
+    assert head.macs == 50 * (3 * 16 * 64 + 16 * 64) + 2 * 50 * 50 * 16
+
+
+def test_removing_all_but_one_head_per_block_still_runs():
+    model = spread_weights(build(ZOO["vit"]))
+    space = discover_units(model, torch.zeros(1, 1, 28, 28))
+    units = [u for g in space.groups if g.kind == "head" for u in g.unit_ids[1:]]
+    pruned = prune_copy(model, space, units, torch.zeros(1, 1, 28, 28))
+    assert all(block.attn.num_heads == 1 for block in pruned.blocks)
+    x = torch.randn(3, 1, 28, 28)
+    with removed(model, space, units):
+        assert torch.allclose(model(x), pruned(x), rtol=1e-4, atol=1e-5)
