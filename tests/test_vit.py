@@ -1,5 +1,6 @@
 """Vision Transformers: heads and MLP neurons as units; masked == pruned; attributes in sync."""
 
+import copy
 import random
 
 import pytest
@@ -100,3 +101,80 @@ def test_removing_all_but_one_head_per_block_still_runs():
     x = torch.randn(3, 1, 28, 28)
     with removed(model, space, units):
         assert torch.allclose(model(x), pruned(x), rtol=1e-4, atol=1e-5)
+
+
+def small_hf_vit(attn_implementation="sdpa"):
+    from transformers import ViTConfig, ViTForImageClassification
+
+    from cswap.models import HuggingFaceLogits
+
+    config = ViTConfig(
+        image_size=16,
+        patch_size=4,
+        num_channels=1,
+        hidden_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=96,
+        num_labels=10,
+        attn_implementation=attn_implementation,
+    )
+    return HuggingFaceLogits(ViTForImageClassification(config))
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_hugging_face_masked_equals_pruned(implementation):
+    model = spread_weights(small_hf_vit(implementation))
+    x = torch.randn(7, 1, 16, 16)
+    space = discover_units(model, x[:1])
+    assert {group.kind for group in space.groups} == {"head", "neuron"}
+    rng = random.Random(3)
+    units = []
+    for group in space.groups:
+        units += rng.sample(group.unit_ids, rng.randint(1, group.size - 1))
+    pruned = prune_copy(model, space, units, x[:1])
+    with removed(model, space, units):
+        masked = model(x)
+    assert torch.allclose(masked, pruned(x), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(masked, model(x), rtol=1e-4, atol=1e-5)
+    assert space.params_after(units) == count_params(pruned)
+    assert space.macs_after(units) == count_macs(pruned, x[:1])
+    heads = [layer.attention.num_attention_heads for layer in pruned.model.vit.layers]
+    assert pruned.model.config.num_attention_heads == 4  # the shared config is untouched
+    for layer, count in zip(pruned.model.vit.layers, heads, strict=True):
+        attention = layer.attention
+        assert attention.q_proj.out_features == count * attention.head_dim
+        assert attention.o_proj.in_features == count * attention.head_dim
+    for batch in (1, 7):
+        assert pruned(torch.randn(batch, 1, 16, 16)).shape == (batch, 10)
+
+
+def test_torchvision_vit_b_16_masked_equals_pruned():
+    from cswap.adapters import canonicalize
+
+    original = load_model("torchvision:vit_b_16?num_classes=10&image_size=32").model.eval()
+    x = torch.randn(7, 3, 32, 32)
+    model = spread_weights(copy.deepcopy(original))
+    reference = model(x)
+    canonicalize(model)
+    # the replacement of nn.MultiheadAttention computes the same thing
+    assert torch.allclose(model(x), reference, rtol=1e-4, atol=1e-5)
+    space = discover_units(model, x[:1])
+    heads = [group for group in space.groups if group.kind == "head"]
+    assert len(heads) == 12 and all(group.size == 12 for group in heads)
+    rng = random.Random(5)
+    units = []
+    for group in space.groups:
+        units += rng.sample(group.unit_ids, rng.randint(1, group.size - 1))
+    pruned = prune_copy(model, space, units, x[:1])
+    with removed(model, space, units):
+        masked = model(x)
+    assert torch.allclose(masked, pruned(x), rtol=1e-4, atol=1e-5)
+    assert space.params_after(units) == count_params(pruned)
+    assert space.macs_after(units) == count_macs(pruned, x[:1])
+    for block in pruned.encoder.layers:
+        attention = block.self_attention
+        assert block.num_heads == attention.num_heads
+        assert attention.q_proj.out_features == attention.num_heads * attention.head_dim
+    for batch in (1, 7):
+        assert pruned(torch.randn(batch, 3, 32, 32)).shape == (batch, 10)

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from cswap.adapters import canonicalize
 from cswap.categorize import Categorization, CategoryConfig, Ranking, categorize, causal_ranking
 from cswap.data.batches import Batches
 from cswap.data.preprocessing import Preprocessing
@@ -226,7 +227,7 @@ def _prepare(
 ) -> _Prepared:
     _check_finite(model)
     device = resolve_device(device)
-    working = copy.deepcopy(model).to(device).eval()
+    working = canonicalize(copy.deepcopy(model)).to(device).eval()
     images, labels = _tensors(calibration, options.batch_size)
     if validation is None:
         images, labels, val_images, val_labels = _split_validation(

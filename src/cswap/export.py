@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from cswap.adapters import canonicalize
 from cswap.data.preprocessing import Preprocessing
 from cswap.errors import CswapError
 from cswap.models import load_model
@@ -104,7 +105,7 @@ def load(path: str | Path, base_model: nn.Module | None = None) -> nn.Module:
             )
         base_model = load_model(spec["base_model"]).model
     example = torch.zeros(spec["example_input_shape"])
-    model = apply_plan(base_model.eval(), spec["removed"], example)
+    model = apply_plan(canonicalize(base_model).eval(), spec["removed"], example)
     state = load_file(str(directory / WEIGHTS_FILE))
     load_state_dict_checked(model, state, source=str(directory / WEIGHTS_FILE))
     return model.eval()

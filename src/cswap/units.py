@@ -220,10 +220,13 @@ def _mac_per_module(model: nn.Module, example_input: torch.Tensor) -> dict[str, 
         inclusive[path] = sum(ops.values()) // 2
     own = dict(inclusive)
     for path, value in inclusive.items():
-        if path:
-            parent = path.rpartition(".")[0]
-            if parent in own or parent == "":
-                own[parent] = own.get(parent, 0) - value
+        # subtract from the nearest ancestor that ran (containers like ModuleList never run)
+        parent = path
+        while parent:
+            parent = parent.rpartition(".")[0]
+            if parent in inclusive:
+                own[parent] -= value
+                break
     return own
 
 

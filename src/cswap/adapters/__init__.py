@@ -46,9 +46,21 @@ class Adapter(Protocol):
 
 
 def adapters() -> list[Adapter]:
+    from cswap.adapters.hf_vit import HuggingFaceViTAttention
     from cswap.adapters.timm_vit import TimmAttention
+    from cswap.adapters.torchvision_vit import TorchvisionViTAttention
 
-    return [TimmAttention()]
+    return [TimmAttention(), HuggingFaceViTAttention(), TorchvisionViTAttention()]
+
+
+def canonicalize(model: nn.Module) -> nn.Module:
+    """Rewrite, in place, modules that cannot be masked or pruned as they are into equivalent
+    ones (torchvision's nn.MultiheadAttention). Only ever applied to cswap's working copy."""
+    for adapter in adapters():
+        rewrite = getattr(adapter, "canonicalize", None)
+        if rewrite is not None:
+            rewrite(model)
+    return model
 
 
 def find_head_sites(model: nn.Module) -> list[tuple[Adapter, HeadSite]]:

@@ -17,7 +17,7 @@ from torch import nn
 from cswap.adapters import HeadSite
 
 
-def _keep_rows(linear: nn.Linear, rows: list[int]) -> None:
+def keep_rows(linear: nn.Linear, rows: list[int]) -> None:
     index = torch.tensor(rows, dtype=torch.long, device=linear.weight.device)
     linear.weight = nn.Parameter(linear.weight.data.index_select(0, index).clone())
     if linear.bias is not None:
@@ -25,7 +25,7 @@ def _keep_rows(linear: nn.Linear, rows: list[int]) -> None:
     linear.out_features = len(rows)
 
 
-def _keep_columns(linear: nn.Linear, columns: list[int]) -> None:
+def keep_columns(linear: nn.Linear, columns: list[int]) -> None:
     index = torch.tensor(columns, dtype=torch.long, device=linear.weight.device)
     linear.weight = nn.Parameter(linear.weight.data.index_select(1, index).clone())
     linear.in_features = len(columns)
@@ -74,9 +74,9 @@ class TimmAttention:
             for h in keep
             for i in site.head_indices(h, (offset,))
         ]
-        _keep_rows(module.qkv, rows)
-        _keep_columns(module.proj, columns)
+        keep_rows(module.qkv, rows)
+        keep_columns(module.proj, columns)
         if module.gate is not None:
-            _keep_rows(module.gate, columns)
+            keep_rows(module.gate, columns)
         module.num_heads = len(keep)
         module.attn_dim = len(keep) * module.head_dim
