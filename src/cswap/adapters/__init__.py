@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+import torch
 from torch import nn
 
 
@@ -68,3 +69,59 @@ def find_head_sites(model: nn.Module) -> list[tuple[Adapter, HeadSite]]:
     for adapter in adapters():
         found += [(adapter, site) for site in adapter.sites(model)]
     return found
+
+
+def keep_rows(linear: nn.Linear, rows: list[int]) -> None:
+    """Keep only ``rows`` of a Linear's output (weight rows and bias entries), in place."""
+    index = torch.tensor(rows, dtype=torch.long, device=linear.weight.device)
+    linear.weight = nn.Parameter(linear.weight.data.index_select(0, index).clone())
+    if linear.bias is not None:
+        linear.bias = nn.Parameter(linear.bias.data.index_select(0, index).clone())
+    linear.out_features = len(rows)
+
+
+def keep_columns(linear: nn.Linear, columns: list[int]) -> None:
+    """Keep only ``columns`` of a Linear's input, in place."""
+    index = torch.tensor(columns, dtype=torch.long, device=linear.weight.device)
+    linear.weight = nn.Parameter(linear.weight.data.index_select(1, index).clone())
+    linear.in_features = len(columns)
+
+
+def projection_site(
+    family: str,
+    name: str,
+    *,
+    num_heads: int,
+    head_dim: int,
+    projections: Sequence[str],
+    output: str,
+) -> HeadSite:
+    """A site whose heads are contiguous slices of separate q / k / v projections and of the
+    output projection's input (Hugging Face, cswap's replacement of nn.MultiheadAttention)."""
+    spans = [(f"{name}.{projection}", "out", (0,)) for projection in projections]
+    spans.append((f"{name}.{output}", "in", (0,)))
+    return HeadSite(
+        attention=name,
+        family=family,
+        num_heads=num_heads,
+        head_dim=head_dim,
+        consumer=f"{name}.{output}",
+        spans=tuple(spans),
+    )
+
+
+def remove_projection_heads(
+    module: nn.Module,
+    site: HeadSite,
+    heads: Sequence[int],
+    *,
+    projections: Sequence[str],
+    output: str,
+) -> int:
+    """Remove ``heads`` from separate projections; returns the number of heads kept."""
+    keep = [h for h in range(site.num_heads) if h not in set(heads)]
+    indices = [i for h in keep for i in site.head_indices(h, (0,))]
+    for projection in projections:
+        keep_rows(getattr(module, projection), indices)
+    keep_columns(getattr(module, output), indices)
+    return len(keep)

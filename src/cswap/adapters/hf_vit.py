@@ -12,8 +12,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from cswap.adapters import HeadSite
-from cswap.adapters.timm_vit import keep_columns, keep_rows
+from cswap.adapters import HeadSite, projection_site, remove_projection_heads
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj")
 
@@ -26,29 +25,22 @@ class HuggingFaceViTAttention:
             from transformers.models.vit.modeling_vit import ViTAttention
         except ImportError:
             return []
-        found = []
-        for name, module in model.named_modules():
-            if not isinstance(module, ViTAttention):
-                continue
-            spans = [(f"{name}.{projection}", "out", (0,)) for projection in PROJECTIONS]
-            spans.append((f"{name}.o_proj", "in", (0,)))
-            found.append(
-                HeadSite(
-                    attention=name,
-                    family=self.family,
-                    num_heads=module.q_proj.out_features // module.head_dim,
-                    head_dim=module.head_dim,
-                    consumer=f"{name}.o_proj",
-                    spans=tuple(spans),
-                )
+        return [
+            projection_site(
+                self.family,
+                name,
+                num_heads=module.q_proj.out_features // module.head_dim,
+                head_dim=module.head_dim,
+                projections=PROJECTIONS,
+                output="o_proj",
             )
-        return found
+            for name, module in model.named_modules()
+            if isinstance(module, ViTAttention)
+        ]
 
     def remove_heads(self, model: nn.Module, site: HeadSite, heads: Sequence[int]) -> None:
         module = model.get_submodule(site.attention)
-        keep = [h for h in range(site.num_heads) if h not in set(heads)]
-        indices = [i for h in keep for i in site.head_indices(h, (0,))]
-        for projection in PROJECTIONS:
-            keep_rows(getattr(module, projection), indices)
-        keep_columns(module.o_proj, indices)
-        module.num_attention_heads = len(keep)
+        kept = remove_projection_heads(
+            module, site, heads, projections=PROJECTIONS, output="o_proj"
+        )
+        module.num_attention_heads = kept

@@ -11,24 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import nn
 
-from cswap.adapters import HeadSite
-
-
-def keep_rows(linear: nn.Linear, rows: list[int]) -> None:
-    index = torch.tensor(rows, dtype=torch.long, device=linear.weight.device)
-    linear.weight = nn.Parameter(linear.weight.data.index_select(0, index).clone())
-    if linear.bias is not None:
-        linear.bias = nn.Parameter(linear.bias.data.index_select(0, index).clone())
-    linear.out_features = len(rows)
-
-
-def keep_columns(linear: nn.Linear, columns: list[int]) -> None:
-    index = torch.tensor(columns, dtype=torch.long, device=linear.weight.device)
-    linear.weight = nn.Parameter(linear.weight.data.index_select(1, index).clone())
-    linear.in_features = len(columns)
+from cswap.adapters import HeadSite, keep_columns, keep_rows
 
 
 class TimmAttention:

@@ -16,8 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cswap.adapters import HeadSite
-from cswap.adapters.timm_vit import keep_columns, keep_rows
+from cswap.adapters import HeadSite, projection_site, remove_projection_heads
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj")
 
@@ -87,33 +86,26 @@ class TorchvisionViTAttention:
                 block.self_attention = SelfAttention.from_multihead(attention)
 
     def sites(self, model: nn.Module) -> list[HeadSite]:
-        found = []
-        for name, module in model.named_modules():
-            if not isinstance(module, SelfAttention):
-                continue
-            spans = [(f"{name}.{projection}", "out", (0,)) for projection in PROJECTIONS]
-            spans.append((f"{name}.out_proj", "in", (0,)))
-            found.append(
-                HeadSite(
-                    attention=name,
-                    family=self.family,
-                    num_heads=module.num_heads,
-                    head_dim=module.head_dim,
-                    consumer=f"{name}.out_proj",
-                    spans=tuple(spans),
-                )
+        return [
+            projection_site(
+                self.family,
+                name,
+                num_heads=module.num_heads,
+                head_dim=module.head_dim,
+                projections=PROJECTIONS,
+                output="out_proj",
             )
-        return found
+            for name, module in model.named_modules()
+            if isinstance(module, SelfAttention)
+        ]
 
     def remove_heads(self, model: nn.Module, site: HeadSite, heads: Sequence[int]) -> None:
         module = model.get_submodule(site.attention)
-        keep = [h for h in range(site.num_heads) if h not in set(heads)]
-        indices = [i for h in keep for i in site.head_indices(h, (0,))]
-        for projection in PROJECTIONS:
-            keep_rows(getattr(module, projection), indices)
-        keep_columns(module.out_proj, indices)
-        module.num_heads = len(keep)
+        kept = remove_projection_heads(
+            module, site, heads, projections=PROJECTIONS, output="out_proj"
+        )
+        module.num_heads = kept
         parent_name = site.attention.rpartition(".")[0]
         parent = model.get_submodule(parent_name) if parent_name else model
-        if hasattr(parent, "num_heads"):
-            parent.num_heads = len(keep)
+        if hasattr(parent, "num_heads"):  # torchvision's EncoderBlock keeps a static copy
+            parent.num_heads = kept
