@@ -178,3 +178,36 @@ def test_torchvision_vit_b_16_masked_equals_pruned():
         assert attention.q_proj.out_features == attention.num_heads * attention.head_dim
     for batch in (1, 7):
         assert pruned(torch.randn(batch, 3, 32, 32)).shape == (batch, 10)
+
+
+def test_prune_save_load_and_onnx_for_a_timm_vit(tmp_path):
+    import numpy as np
+    import onnxruntime
+    from timm.models.vision_transformer import VisionTransformer
+    from torch.utils.data import TensorDataset
+
+    import cswap
+
+    config = dict(img_size=16, patch_size=4, in_chans=1, num_classes=4, embed_dim=32, depth=2)
+
+    def fresh():
+        return VisionTransformer(num_heads=4, mlp_ratio=2.0, **config)
+
+    torch.manual_seed(0)
+    model = spread_weights(fresh())
+    images = torch.randn(160, 1, 16, 16)
+    labels = model(images).argmax(1)  # a task the model solves perfectly
+    data = TensorDataset(images, labels)
+    result = cswap.prune(
+        model, data, target_params=0.2, tolerance=0.2, min_class_size=3, progress=False
+    )
+    kinds = {unit["kind"] for unit in result.report["units"] if unit["removed_at_step"] is not None}
+    assert kinds <= {"head", "neuron"} and kinds
+    assert result.report["macs_after"] < result.report["macs_before"]
+    out = result.save(tmp_path / "vit", export=["onnx"])
+    loaded = cswap.load(out, base_model=fresh())
+    x = torch.randn(5, 1, 16, 16)
+    assert torch.equal(loaded(x), result.model(x))
+    session = onnxruntime.InferenceSession(str(out / "model.onnx"))
+    (logits,) = session.run(None, {"images": x.numpy()})
+    assert np.allclose(logits, result.model(x).detach().numpy(), rtol=1e-4, atol=1e-5)

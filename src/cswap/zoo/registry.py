@@ -84,6 +84,7 @@ ZOO: dict[str, ZooEntry] = {
                 weight_decay=0.05,
                 warmup_fraction=0.1,
                 label_smoothing=0.1,
+                threads=1,  # trained beside resnet20, one core each
             ),
             accuracy_floor=0.88,
         ),
