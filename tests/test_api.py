@@ -150,24 +150,28 @@ def test_refuses_to_overwrite_a_report(result, tmp_path):
 
 
 def test_resume_continues_exactly(trained_tiny, data, tmp_path, monkeypatch):
-    full = run(trained_tiny, data, target_params=0.4, checkpoint_dir=tmp_path / "a")
+    settings = dict(target_params=0.4, allow_critical=True)
+    full = run(trained_tiny, data, checkpoint_dir=tmp_path / "a", **settings)
     calls = {"n": 0}
     original = api.masked_validation
 
     def interrupted(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 4:
+        if calls["n"] == 9:
             raise KeyboardInterrupt
         return original(*args, **kwargs)
 
     monkeypatch.setattr(api, "masked_validation", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        run(trained_tiny, data, target_params=0.4, checkpoint_dir=tmp_path / "b")
+        run(trained_tiny, data, checkpoint_dir=tmp_path / "b", **settings)
     assert (tmp_path / "b" / "checkpoint.json").is_file()
     monkeypatch.setattr(api, "masked_validation", original)
-    resumed = run(trained_tiny, data, target_params=0.4, checkpoint_dir=tmp_path / "b", resume=True)
+    resumed = run(trained_tiny, data, checkpoint_dir=tmp_path / "b", resume=True, **settings)
     assert resumed.plan == full.plan
     assert resumed.report["steps"] == full.report["steps"]
+    assert resumed.report["units"] == full.report["units"]
+    assert resumed.report["scoring_rounds"] == full.report["scoring_rounds"]
+    assert len(full.report["scoring_rounds"]) >= 2  # the interruption came after a re-scoring
 
 
 def test_label_free_with_many_classes_and_few_images():

@@ -139,3 +139,22 @@ def test_same_inputs_same_result():
 def test_bad_targets_are_refused(kwargs):
     with pytest.raises(CswapError):
         ScheduleConfig(**kwargs)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_always_terminates_without_the_safety_net(seed):
+    import random
+
+    rng = random.Random(seed)
+    order = [u.id for u in SPACE.units]
+    rng.shuffle(order)  # big and small units interleaved: halving params alone could stall
+    bad = frozenset(rng.sample(order, len(order) // 3))
+
+    def validate(removed):
+        return Validation(0.5 if set(removed) & bad else 0.9, 0.001, 1000)
+
+    config = ScheduleConfig(target_params=0.9, patience=1000, max_steps=2000)
+    result = run_schedule(SPACE, config, ranker(order=order), validate, baseline=BASELINE)
+    assert result.stop_reason != "max_steps"
+    assert not set(result.removed) & bad
+    assert set(result.failed) <= bad

@@ -115,3 +115,31 @@ def test_equivalence_check_fails_loudly_on_a_mismatch():
     pruned = prune_copy(model, space, [0, 1], x[:1])
     with pytest.raises(EquivalenceError, match="mis-coupled"):
         check_equivalence(model, pruned, space, [0, 2], x)  # not what was pruned
+
+
+def test_grouped_convolutions_are_excluded_with_the_reason():
+    nn = torch.nn
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=4),
+        nn.ReLU(),
+        nn.Conv2d(8, 6, 1),
+        nn.Flatten(),
+        nn.LazyLinear(3),
+    )
+    x = torch.randn(2, 1, 6, 6)
+    model(x)
+    space = discover_units(model.eval(), x[:1])
+    reasons = " ".join(group.reason for group in space.excluded)
+    assert "grouped convolution" in reasons
+    units = [group.unit_ids[0] for group in space.groups]
+    pruned = prune_copy(model, space, units, x[:1])
+    with removed(model, space, units):
+        assert torch.allclose(model(x), pruned(x), rtol=1e-4, atol=1e-5)
+
+
+def test_ignoring_a_container_ignores_the_layers_inside_it():
+    model = TinyNet()
+    space = discover_units(model, torch.zeros(1, 1, 14, 14), ignored_layers=["body"])
+    assert not any(group.root.startswith("body") for group in space.groups)

@@ -8,6 +8,7 @@ model is never modified (the pipeline works on a copy).
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import shutil
@@ -48,6 +49,16 @@ from cswap.units import UnitSpace, classifier_layers, discover_units
 
 log = logging.getLogger("cswap")
 METHODS = ("cswap",)
+OUTPUT_FILES = (
+    "report.json",
+    "units.npz",
+    "report.html",
+    "steps.png",
+    "layers.png",
+    "xi.png",
+    "model",
+    "model.onnx",
+)
 CHECKPOINT = "checkpoint.json"
 CHECKPOINT_SCORES = "checkpoint_scores.npz"
 
@@ -70,6 +81,7 @@ class Options:
     initial_chunk: float = 0.01
     rescore_every: float = 0.10
     patience: int = 8
+    max_steps: int = 10_000
     seed: int = 0
     batch_size: int = 256
     validation_fraction: float = 0.5  # of the calibration data, when no validation is given
@@ -118,10 +130,16 @@ class PruneResult:
                     base_spec=self.base_spec,
                     plan=self.plan,
                     example_shape=tuple(self.example_input.shape),
-                    preprocessing=self.preprocessing or Preprocessing(),
+                    preprocessing=self.preprocessing,
                 )
                 if "onnx" in export:
                     export_onnx(self.model, self.example_input, staging / "model.onnx")
+            for name in OUTPUT_FILES:  # a previous run's outputs must not linger beside ours
+                stale = out / name
+                if stale.is_dir():
+                    shutil.rmtree(stale)
+                else:
+                    stale.unlink(missing_ok=True)
             for entry in staging.iterdir():
                 target = out / entry.name
                 if target.is_dir():
@@ -224,12 +242,16 @@ def _prepare(
     label_free: bool,
     device: str | None,
     options: Options,
+    split_validation: bool = True,
 ) -> _Prepared:
     _check_finite(model)
     device = resolve_device(device)
     working = canonicalize(copy.deepcopy(model)).to(device).eval()
     images, labels = _tensors(calibration, options.batch_size)
-    if validation is None:
+    if validation is None and not split_validation:
+        val_images, val_labels = images, labels
+        validation_source = "the calibration data itself (scoring only)"
+    elif validation is None:
         images, labels, val_images, val_labels = _split_validation(
             images, labels, options.validation_fraction, options.seed
         )
@@ -248,7 +270,14 @@ def _prepare(
                     f"model has {num_classes} classes.",
                     "map the labels to the model's class indices, or use label_free=True.",
                 )
-    calibration_predictions, _ = predict(working, [(images, labels)], device)
+    calibration_predictions, _ = predict(
+        working,
+        [
+            (images[i : i + options.batch_size], labels[i : i + options.batch_size])
+            for i in range(0, len(images), options.batch_size)
+        ],
+        device,
+    )
     validation_batches = [
         (val_images[i : i + options.batch_size], val_labels[i : i + options.batch_size])
         for i in range(0, len(val_images), options.batch_size)
@@ -372,6 +401,11 @@ def _options(overrides: dict[str, Any]) -> Options:
         overrides = overrides | {"ignored_layers": tuple(overrides["ignored_layers"])}
     options = Options(**overrides)
     options.category_config()  # validates the test settings
+    for name in ("batch_size", "latency_threads", "min_class_size"):
+        if getattr(options, name) < 1:
+            raise CswapError(f"{name} must be >= 1, got {getattr(options, name)}.", "use e.g. 1.")
+    if not 0.0 < options.validation_fraction < 1.0:
+        raise CswapError("validation_fraction must be in (0, 1).", "use e.g. 0.5.")
     return options
 
 
@@ -380,6 +414,8 @@ def _test_batches(test: Dataset | DataLoader | None, batch_size: int):
         return None
     if isinstance(test, DataLoader):
         return test
+    if len(test) == 0:
+        return None
     return Batches(test, batch_size)
 
 
@@ -406,6 +442,7 @@ def score(
         label_free=label_free,
         device=device,
         options=opts,
+        split_validation=False,
     )
     ranker = _CausalRanker(prepared, opts, progress)
     categorization = ranker.categorization(())
@@ -458,6 +495,7 @@ def prune(
         round_to=options.get("round_to", 1),
         min_keep=options.get("min_keep", 1),
         patience=options.get("patience", 8),
+        max_steps=options.get("max_steps", 10_000),
     )
     opts = _options(options)
     started = time.perf_counter()
@@ -483,17 +521,15 @@ def prune(
             device=prepared.device,
         )
 
-    checkpoint = (
-        _Checkpoint(Path(checkpoint_dir), prepared, opts, schedule_config)
-        if checkpoint_dir
-        else None
-    )
+    checkpoint = None
+    if checkpoint_dir:
+        fingerprint = _fingerprint(prepared, opts, schedule_config)
+        checkpoint = _Checkpoint(Path(checkpoint_dir), fingerprint)
     state = None
     if checkpoint is not None and resume:
-        state, preset, first = checkpoint.load(opts.category_config())
+        state, preset, rounds = checkpoint.load(opts.category_config())
         ranker.preset = preset
-        if first is not None:
-            ranker.rounds.append((0, first))
+        ranker.rounds.extend(rounds)
     steps_bar = _progress_bar(0, "pruning steps", progress)
 
     def on_step(current: ScheduleState, step: Step, ranking: Ranking | None) -> None:
@@ -508,14 +544,22 @@ def prune(
             step.val_accuracy,
             step.paired_se,
         )
-        if checkpoint is not None and step.accepted:
-            checkpoint.save(current, ranking or last_ranking[0], ranker.rounds[0][1])
         if ranking is not None:
             last_ranking[0] = ranking
+        if checkpoint is not None and step.accepted:
+            checkpoint.save(current, last_ranking[0], ranker.rounds)
 
     first_ranking = ranker(state.removed if state else ())
     last_ranking = [first_ranking]
     ranker.preset = first_ranking
+    if checkpoint is not None and state is None:
+        # the first scoring is the expensive part: keep it even if no step is ever accepted
+        initial = ScheduleState(
+            chunk_params=schedule_config.initial_chunk * max(1, space.prunable_params),
+            params_at_last_ranking=space.params_total,
+        )
+        checkpoint.save(initial, first_ranking, ranker.rounds)
+        state = initial
     with steps_bar:
         result = run_schedule(
             space,
@@ -572,23 +616,43 @@ def prune(
 # ----------------------------------------------------------------------------- checkpoints
 
 
+def _fingerprint(prepared: _Prepared, options: Options, config: ScheduleConfig) -> dict:
+    """What a checkpoint must match to be resumed: the model's weights, the data, the settings."""
+    digest = hashlib.sha256()
+    for name, tensor in prepared.model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    data = hashlib.sha256()
+    for tensor in (prepared.calibration_images, prepared.calibration_labels):
+        data.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    data.update(prepared.reference_predictions.numpy().tobytes())
+    return {
+        "weights_sha256": digest.hexdigest(),
+        "data_sha256": data.hexdigest(),
+        "units": len(prepared.space),
+        "calibration": prepared.calibration_info,
+        "options": _jsonable(options),
+        "schedule": config.to_dict(),
+    }
+
+
+def _categorization_arrays(prefix: str, categorization: Categorization) -> dict[str, np.ndarray]:
+    return {f"{prefix}{key}": value for key, value in units_arrays(categorization).items()}
+
+
 class _Checkpoint:
-    """Accepted steps and the ranking in use, so that ``resume`` continues exactly."""
+    """Accepted steps, every scoring round and the ranking in use: ``resume`` continues exactly."""
 
-    def __init__(
-        self, directory: Path, prepared: _Prepared, options: Options, config: ScheduleConfig
-    ):
+    def __init__(self, directory: Path, fingerprint: dict) -> None:
         self.directory = directory
-        self.fingerprint = {
-            "units": len(prepared.space),
-            "params": prepared.space.params_total,
-            "calibration_size": len(prepared.calibration_labels),
-            "validation_size": prepared.baseline.images,
-            "options": _jsonable(options),
-            "schedule": config.to_dict(),
-        }
+        self.fingerprint = fingerprint
 
-    def save(self, state: ScheduleState, ranking: Ranking, first: Categorization) -> None:
+    def save(
+        self,
+        state: ScheduleState,
+        ranking: Ranking,
+        rounds: list[tuple[int, Categorization]],
+    ) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         data = {
             "fingerprint": self.fingerprint,
@@ -599,29 +663,35 @@ class _Checkpoint:
                 "chunk_params": state.chunk_params,
                 "params_at_last_ranking": state.params_at_last_ranking,
                 "consecutive_failures": state.consecutive_failures,
+                "block_limit": state.block_limit,
             },
             "ranking": {
                 "order": list(ranking.order),
                 "scores": {str(k): v for k, v in ranking.scores.items()},
                 "categories": {str(k): v for k, v in ranking.categories.items()},
             },
+            "rounds": [count for count, _ in rounds],
         }
+        arrays: dict[str, np.ndarray] = {}
+        for index, (_, categorization) in enumerate(rounds):
+            arrays |= _categorization_arrays(f"round{index}_", categorization)
+        np.savez_compressed(self.directory / CHECKPOINT_SCORES, **arrays)
         temporary = self.directory / (CHECKPOINT + ".tmp")
         temporary.write_text(json.dumps(data))
-        np.savez_compressed(self.directory / CHECKPOINT_SCORES, **units_arrays(first))
         temporary.replace(self.directory / CHECKPOINT)
 
     def load(
         self, config: CategoryConfig
-    ) -> tuple[ScheduleState | None, Ranking | None, Categorization | None]:
+    ) -> tuple[ScheduleState | None, Ranking | None, list[tuple[int, Categorization]]]:
         path = self.directory / CHECKPOINT
         if not path.is_file():
             log.info("no checkpoint in %s: starting afresh", self.directory)
-            return None, None, None
+            return None, None, []
         data = json.loads(path.read_text())
         if data["fingerprint"] != self.fingerprint:
             raise CswapError(
-                f"The checkpoint in {self.directory} was made with other data or settings.",
+                f"The checkpoint in {self.directory} was made with other weights, data or "
+                "settings.",
                 "rerun with the same arguments, or without --resume and with --overwrite.",
             )
         raw = data["state"]
@@ -645,6 +715,7 @@ class _Checkpoint:
             chunk_params=raw["chunk_params"],
             params_at_last_ranking=raw["params_at_last_ranking"],
             consecutive_failures=raw["consecutive_failures"],
+            block_limit=raw["block_limit"],
         )
         ranking = Ranking(
             order=tuple(data["ranking"]["order"]),
@@ -652,18 +723,26 @@ class _Checkpoint:
             categories={int(k): v for k, v in data["ranking"]["categories"].items()},
         )
         arrays = np.load(self.directory / CHECKPOINT_SCORES, allow_pickle=False)
-        first = Categorization(
-            unit_ids=arrays["unit_ids"],
-            xi=arrays["xi"],
-            tested_classes=arrays["tested_classes"],
-            class_means=arrays["class_means"],
-            class_p_values=arrays["class_p_values"],
-            detrimental_p_values=arrays["detrimental_p_values"],
-            categories=arrays["categories"].astype(object),
-            config=config,
-        )
+        rounds = []
+        for index, count in enumerate(data["rounds"]):
+            prefix = f"round{index}_"
+            rounds.append(
+                (
+                    count,
+                    Categorization(
+                        unit_ids=arrays[prefix + "unit_ids"],
+                        xi=arrays[prefix + "xi"],
+                        tested_classes=arrays[prefix + "tested_classes"],
+                        class_means=arrays[prefix + "class_means"],
+                        class_p_values=arrays[prefix + "class_p_values"],
+                        detrimental_p_values=arrays[prefix + "detrimental_p_values"],
+                        categories=arrays[prefix + "categories"].astype(object),
+                        config=config,
+                    ),
+                )
+            )
         log.info("resuming after %d steps, %d units removed", len(steps), len(state.removed))
-        return state, ranking, first
+        return state, ranking, rounds
 
 
 def _jsonable(options: Options) -> dict:
@@ -776,6 +855,13 @@ def _unit_entries(
     position = {int(u): i for i, u in enumerate(first.unit_ids)}
     at_removal = _scores_at_removal(rounds, result) if result is not None else {}
     failed = set(result.failed) if result is not None else set()
+    latest_category: dict[int, str] = {}
+    for _, categorization in rounds or []:
+        latest_category |= categorization.category_of()
+    gone = set(result.removed) if result is not None else set()
+    kept_per_group = {
+        group.id: sum(1 for unit in group.unit_ids if unit not in gone) for group in space.groups
+    }
     entries = []
     for unit in space.units:
         row = position.get(unit.id)
@@ -789,12 +875,15 @@ def _unit_entries(
             entry["xi_at_removal"], entry["category_at_removal"] = at_removal.get(
                 unit.id, (None, None)
             )
+            latest = latest_category.get(unit.id, entry["category"])
             if step is not None:
                 entry["kept_reason"] = None
             elif unit.id in failed:
                 entry["kept_reason"] = "failed_tolerance"
-            elif entry["category"] == "critical" and not options.allow_critical:
+            elif latest == "critical" and not options.allow_critical:
                 entry["kept_reason"] = "critical"
+            elif kept_per_group[unit.group] <= options.min_keep:
+                entry["kept_reason"] = "group_minimum"
             else:
                 entry["kept_reason"] = "not_needed"
         entries.append(entry)
@@ -812,7 +901,13 @@ def load_spec(spec: str, *, weights: str | Path | None = None):
     if is_saved_model(spec):
         _, saved = read_spec(spec)
         model = load_saved(spec)
-        preprocessing = Preprocessing.from_dict(saved["preprocessing"])
+        if saved.get("preprocessing"):
+            preprocessing = Preprocessing.from_dict(saved["preprocessing"])
+        else:
+            raise CswapError(
+                f"{spec} does not record the preprocessing its model expects.",
+                "load it in Python with cswap.load() and pass Datasets to cswap.prune().",
+            )
         names = tuple(saved["class_names"]) if saved.get("class_names") else None
         return LoadedModel(spec, "saved", model, preprocessing, names)
     return load_model(spec, weights=weights)

@@ -37,6 +37,7 @@ def evaluate(
 ) -> Evaluation:
     """Accuracy on ``batches`` (on ``device``), params, MACs and CPU latency of one image."""
     accuracy, images = None, 0
+    model.to(device)
     if batches is not None:
         predictions, labels = predict(model, batches, device)
         images = len(labels)

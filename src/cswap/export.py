@@ -51,7 +51,7 @@ def save_model(
     base_spec: str | None,
     plan: dict[str, list[int]],
     example_shape: tuple[int, ...],
-    preprocessing: Preprocessing,
+    preprocessing: Preprocessing | None,
     class_names: tuple[str, ...] | None = None,
 ) -> Path:
     """Write spec.json + model.safetensors into ``directory`` (created)."""
@@ -64,7 +64,7 @@ def save_model(
         "base_model": base_spec,
         "removed": {root: [int(i) for i in indices] for root, indices in plan.items()},
         "example_input_shape": [1, *example_shape[1:]],
-        "preprocessing": preprocessing.to_dict(),
+        "preprocessing": None if preprocessing is None else preprocessing.to_dict(),
         "class_names": list(class_names) if class_names else None,
         "versions": library_versions(),
     }
@@ -103,7 +103,9 @@ def load(path: str | Path, base_model: nn.Module | None = None) -> nn.Module:
                 f"{directory} was saved from a model built in Python: cswap cannot rebuild it.",
                 "pass a fresh instance: cswap.load(path, base_model=MyModel()).",
             )
-        base_model = load_model(spec["base_model"]).model
+        base = spec["base_model"]
+        # a model pruned twice names the first run's directory as its base: load that first
+        base_model = load(base) if is_saved_model(base) else load_model(base).model
     example = torch.zeros(spec["example_input_shape"])
     model = apply_plan(canonicalize(base_model).eval(), spec["removed"], example)
     state = load_file(str(directory / WEIGHTS_FILE))
@@ -119,17 +121,18 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | Path)
     path = Path(path)
     model = model.eval().to("cpu")
     try:
-        warnings.filterwarnings("ignore", category=DeprecationWarning, module="torch.onnx")
-        torch.onnx.export(
-            model,
-            (example_input[:1].to("cpu"),),
-            str(path),
-            input_names=["images"],
-            output_names=["logits"],
-            dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
-            opset_version=17,
-            dynamo=False,
-        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # the legacy exporter is fine
+            torch.onnx.export(
+                model,
+                (example_input[:1].to("cpu"),),
+                str(path),
+                input_names=["images"],
+                output_names=["logits"],
+                dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+                opset_version=17,
+                dynamo=False,
+            )
     except ImportError as error:
         raise CswapError(
             f"ONNX export needs the onnx package: {error}.", "pip install 'cswap[onnx]'."

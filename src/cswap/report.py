@@ -85,11 +85,12 @@ def plot_steps(report: dict):
 
 def layer_table(report: dict) -> list[dict]:
     """Kept / removed units per group (named by its root layer)."""
+    roots = {group["id"]: group["root"] for group in report.get("groups", [])}
     rows: dict[int, dict] = {}
     for unit in report.get("units", []):
+        root = roots.get(unit["group"], unit["layers"][0])
         row = rows.setdefault(
-            unit["group"],
-            {"group": unit["group"], "root": unit["layers"][0], "kept": 0, "removed": 0},
+            unit["group"], {"group": unit["group"], "root": root, "kept": 0, "removed": 0}
         )
         row["removed" if unit["removed_at_step"] is not None else "kept"] += 1
     return [rows[key] for key in sorted(rows)]

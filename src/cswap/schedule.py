@@ -36,6 +36,7 @@ from cswap.units import UnitSpace
 TARGET_REACHED = "target_reached"
 CANDIDATES_EXHAUSTED = "candidates_exhausted"
 TOLERANCE_UNMET = "tolerance_unmet"
+MAX_STEPS = "max_steps"  # a safety net (max_steps option), not expected in practice
 
 
 @dataclass(frozen=True)
@@ -74,8 +75,10 @@ class ScheduleConfig:
                 f"tolerance={self.tolerance} is outside [0, 1): it is an accuracy fraction.",
                 "pass e.g. 0.005 for half a point.",
             )
-        if self.round_to < 1 or self.min_keep < 1:
-            raise CswapError("round_to and min_keep must be >= 1.", "use e.g. round_to=8.")
+        if self.round_to < 1 or self.min_keep < 1 or self.patience < 1 or self.max_steps < 1:
+            raise CswapError(
+                "round_to, min_keep, patience and max_steps must be >= 1.", "use e.g. round_to=8."
+            )
         if not 0.0 < self.initial_chunk <= 1.0 or not 0.0 < self.rescore_every <= 1.0:
             raise CswapError(
                 "initial_chunk and rescore_every are fractions in (0, 1].", "use e.g. 0.01."
@@ -113,6 +116,7 @@ class ScheduleState:
     chunk_params: float = 0.0
     params_at_last_ranking: int = 0
     consecutive_failures: int = 0
+    block_limit: int = 0  # after a rejection: the retry takes at most this many blocks (0: any)
 
 
 @dataclass(frozen=True)
@@ -206,6 +210,7 @@ def run_schedule(
             stop_reason = CANDIDATES_EXHAUSTED
             break
         if len(state.steps) >= config.max_steps:
+            stop_reason = MAX_STEPS
             break
         chunk_blocks = _take_chunk(space, config, blocks, state)
         chunk = tuple(unit for block in chunk_blocks for unit in block)
@@ -223,29 +228,37 @@ def run_schedule(
         )
         new_ranking = None
         if accepted:
-            blocks = blocks[len(chunk_blocks) :]
             state = replace(
                 state,
                 removed=trial,
                 chunk_params=2 * max(state.chunk_params, _params_of(space, chunk)),
                 consecutive_failures=0,
+                block_limit=0,
             )
             removed_params = state.params_at_last_ranking - space.params_after(state.removed)
-            if removed_params >= config.rescore_every * space.params_total and blocks:
+            remaining = _fresh_blocks(space, ranking, state, config)
+            if removed_params >= config.rescore_every * space.params_total and remaining:
                 new_ranking = ranking = rank(state.removed)
                 state = replace(state, params_at_last_ranking=space.params_after(state.removed))
-                blocks = _fresh_blocks(space, ranking, state, config)
                 step = replace(step, rescored_after=True)
         elif len(chunk_blocks) == 1:
-            blocks = blocks[1:]
             state = replace(
                 state,
                 failed=(*state.failed, *chunk),
                 consecutive_failures=state.consecutive_failures + 1,
+                block_limit=0,
             )
         else:
-            state = replace(state, chunk_params=_params_of(space, chunk) / 2)
+            # retry with the first half of the chunk: strictly fewer blocks, so it terminates
+            state = replace(
+                state,
+                chunk_params=_params_of(space, chunk) / 2,
+                block_limit=len(chunk_blocks) // 2,
+            )
         state = replace(state, steps=(*state.steps, step))
+        # The candidates follow from the ranking and what is removed or failed: recomputing them
+        # (rather than slicing) is what makes a resumed run identical to an uninterrupted one.
+        blocks = _fresh_blocks(space, ranking, state, config)
         if on_step is not None:
             on_step(state, step, new_ranking)
         if state.consecutive_failures >= config.patience:
@@ -291,5 +304,7 @@ def _take_chunk(space, config, blocks, state) -> list[tuple[int, ...]]:
         total += _params_of(space, block)
         removed.extend(block)
         if total >= state.chunk_params or target_reached(space, config, removed):
+            break
+        if state.block_limit and len(chunk) >= state.block_limit:
             break
     return chunk

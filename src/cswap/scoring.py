@@ -93,13 +93,13 @@ def causal_effects(
         gone = set(already)
         units = [unit.id for unit in space.units if unit.id not in gone]
     units = list(units)
+    was_training = model.training
+    model.eval()
     runner = None
     if prefix_reuse and units:
         consumers = {t.layer for unit in units for t in space.units[unit].targets}
         runner = try_suffix_runner(model, consumers)
     cuts = [_cut_layer(space, unit, runner) for unit in units]
-    was_training = model.training
-    model.eval()
     baseline = np.empty(len(images), dtype=np.float64)
     intervened = np.empty((len(units), len(images)), dtype=np.float64)
     try:

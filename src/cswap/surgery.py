@@ -14,7 +14,7 @@ from cswap.intervene import removed
 from cswap.units import UnitSpace
 
 
-class EquivalenceError(RuntimeError):
+class EquivalenceError(CswapError):
     """The physically pruned model differs from the masked one: a mis-coupled removal."""
 
 
@@ -95,7 +95,8 @@ def check_equivalence(
     if not torch.allclose(expected, actual, rtol=rtol, atol=atol):
         raise EquivalenceError(
             f"The physically pruned model differs from the masked model (max |diff| "
-            f"{difference:.3g}): the dependency graph mis-coupled a removal. Please report this "
-            "model; exclude the offending layers with ignored_layers meanwhile."
+            f"{difference:.3g}): the dependency graph mis-coupled a removal.",
+            "please report this model; meanwhile exclude the offending layers with "
+            "ignored_layers (--ignore LAYER).",
         )
     return difference

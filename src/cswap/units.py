@@ -183,10 +183,13 @@ def classifier_layers(model: nn.Module, example_input: torch.Tensor) -> tuple[li
         for module in model.modules()
         if isinstance(module, nn.Conv2d | nn.Linear | nn.Conv1d)
     ]
+    was_training = model.training
+    model.eval()
     try:
         with torch.no_grad():
             output = model(example_input)
     finally:
+        model.train(was_training)
         for handle in handles:
             handle.remove()
     if not isinstance(output, torch.Tensor) or output.dim() != 2:
@@ -231,7 +234,20 @@ def _mac_per_module(model: nn.Module, example_input: torch.Tensor) -> dict[str, 
 
 
 def _is_depthwise(module: nn.Module) -> bool:
-    return isinstance(module, nn.Conv2d | nn.Conv1d) and module.groups > 1
+    return (
+        isinstance(module, nn.Conv2d | nn.Conv1d)
+        and module.groups > 1
+        and module.groups == module.in_channels == module.out_channels
+    )
+
+
+def _is_grouped(module: nn.Module) -> bool:
+    """A grouped, not depthwise, convolution: one channel cannot leave it on its own."""
+    return (
+        isinstance(module, nn.Conv2d | nn.Conv1d)
+        and module.groups > 1
+        and not _is_depthwise(module)
+    )
 
 
 def discover_units(
@@ -249,12 +265,15 @@ def discover_units(
             f"Ignored layer(s) {unknown} are not in the model.",
             "use names from model.named_modules().",
         )
-    protected, _ = classifier_layers(model, example_input)
     was_training = model.training
     model.eval()
     try:
+        protected, _ = classifier_layers(model, example_input)
         graph = tp.DependencyGraph().build_dependency(model, example_input, verbose=False)
-        ignored_modules = [by_name[name] for name in (*protected, *ignored_layers)]
+        # an ignored container ignores every layer inside it
+        ignored_modules = [
+            module for name in (*protected, *ignored_layers) for module in by_name[name].modules()
+        ]
         raw_groups = list(
             graph.get_all_groups(
                 ignored_layers=ignored_modules,
@@ -392,6 +411,8 @@ def _exclusion_reason(graph, raw, names) -> str | None:
             return "couples a bare parameter (e.g. an embedding); masking is not removal there"
         if module not in names:
             continue  # Torch-Pruning's own op nodes (add, concat, flatten, ...)
+        if _is_grouped(module):
+            return f"{names[module]} is a grouped convolution; single channels cannot leave it"
         if isinstance(module, _MIXING_NORMS):
             return f"{names[module]} normalises across channels; masking is not removal there"
         is_out = graph.is_out_channel_pruning_fn(item.dep.handler)

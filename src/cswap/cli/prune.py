@@ -119,7 +119,8 @@ def run_prune(
         label_free=label_free,
         device=device,
         progress=not quiet,
-        model_spec=model if loaded.family != "saved" else None,
+        # a saved run is its own base: cswap.load() then replays both removals in turn
+        model_spec=str(Path(model).resolve()) if loaded.family == "saved" else model,
         preprocessing=loaded.preprocessing,
         checkpoint_dir=out,
         resume=resume,
