@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -54,6 +54,8 @@ class Unit:
     params: int  # parameters removed with this unit alone
     macs: int  # MACs (per image) removed with this unit alone
     targets: tuple[MaskTarget, ...]
+    # every (layer, "out" | "in", indices) slice the unit owns: producers, norms and consumers
+    slices: tuple[tuple[str, str, tuple[int, ...]], ...] = ()
 
     def to_dict(self) -> dict:
         return {
@@ -316,6 +318,7 @@ def _build_space(model, graph, raw_groups, names, protected, macs_per_module, si
         layers: list[str] = []
         consumers = []
         per_unit_dims: list[tuple[tuple[str, str], list[int]]] = []
+        item_slices: list[tuple[tuple[str, str], list[int], list[int]]] = []
         for item in raw:
             module = item.dep.target.module
             if not isinstance(module, nn.Module) or module not in names:
@@ -335,6 +338,7 @@ def _build_space(model, graph, raw_groups, names, protected, macs_per_module, si
                 continue
             dim_sizes[key] = total
             per_unit_dims.append((key, list(item.root_idxs)))
+            item_slices.append((key, list(item.idxs), list(item.root_idxs)))
         first_id = len(units)
         for index in range(size):
             unit_id = first_id + index
@@ -345,7 +349,13 @@ def _build_space(model, graph, raw_groups, names, protected, macs_per_module, si
                 indices = tuple(i for i, root in pairs if root == index)
                 dim = 1 if isinstance(module, nn.Conv2d | nn.Conv1d) else -1
                 targets.append(MaskTarget(names[module], dim, indices))
-            units.append(Unit(unit_id, group_id, index, kind, tuple(layers), 0, 0, tuple(targets)))
+            slices = tuple(
+                (layer, side, tuple(i for i, r in zip(idxs, roots, strict=True) if r == index))
+                for (layer, side), idxs, roots in item_slices
+            )
+            units.append(
+                Unit(unit_id, group_id, index, kind, tuple(layers), 0, 0, tuple(targets), slices)
+            )
         for key, roots in per_unit_dims:
             counts = np.bincount(np.asarray(roots, dtype=np.int64), minlength=size)
             for index in range(size):
@@ -393,7 +403,10 @@ def _add_head_group(model, site: HeadSite, units, groups, dim_sizes, unit_dims) 
     for head in range(site.num_heads):
         unit_id = first_id + head
         target = MaskTarget(site.consumer, -1, site.head_indices(head, (0,)))
-        units.append(Unit(unit_id, group_id, head, "head", site.layers, 0, 0, (target,)))
+        slices = tuple(
+            (layer, side, site.head_indices(head, offsets)) for layer, side, offsets in site.spans
+        )
+        units.append(Unit(unit_id, group_id, head, "head", site.layers, 0, 0, (target,), slices))
         for layer, side, offsets in site.spans:
             unit_dims[unit_id].append(((layer, side), site.head_dim * len(offsets)))
         unit_dims[unit_id].append(((site.attention, "heads"), 1))
@@ -463,15 +476,10 @@ def _with_unit_costs(space: UnitSpace) -> UnitSpace:
     params_total = space.params_after(())
     macs_total = space.macs_after(())
     units = tuple(
-        Unit(
-            unit.id,
-            unit.group,
-            unit.index,
-            unit.kind,
-            unit.layers,
-            params_total - space.params_after((unit.id,)),
-            macs_total - space.macs_after((unit.id,)),
-            unit.targets,
+        replace(
+            unit,
+            params=params_total - space.params_after((unit.id,)),
+            macs=macs_total - space.macs_after((unit.id,)),
         )
         for unit in space.units
     )
