@@ -16,7 +16,9 @@ runs through the very same loop.
 3. Whenever a further ``rescore_every`` of the parameters has gone since the last ranking, the
    remaining units are ranked again on the current model (effects interact).
 4. Stop reasons: ``target_reached``; ``candidates_exhausted`` (nothing left to try);
-   ``tolerance_unmet`` (``patience`` single units in a row failed: no chunk passes any more).
+   ``tolerance_unmet`` (``patience`` rejected steps in a row: no chunk passes any more; near
+   the threshold every further decision is a coin toss on validation noise, so the loop stops
+   rather than testing the remaining candidates one by one).
 5. Per-group safety: a group never loses all its units (``min_keep``, at least ``round_to``);
    with ``round_to`` > 1 units leave a group in blocks, so that its kept count stays a multiple
    of ``round_to``.
@@ -254,6 +256,7 @@ def run_schedule(
                 state,
                 chunk_params=_params_of(space, chunk) / 2,
                 block_limit=len(chunk_blocks) // 2,
+                consecutive_failures=state.consecutive_failures + 1,
             )
         state = replace(state, steps=(*state.steps, step))
         # The candidates follow from the ranking and what is removed or failed: recomputing them
