@@ -87,6 +87,21 @@ class Options:
     validation_fraction: float = 0.5  # of the calibration data, when no validation is given
     latency_threads: int = 1
 
+    def schedule_config(
+        self, target_params: float | None, target_macs: float | None, tolerance: float
+    ) -> ScheduleConfig:
+        return ScheduleConfig(
+            target_params=target_params,
+            target_macs=target_macs,
+            tolerance=tolerance,
+            initial_chunk=self.initial_chunk,
+            rescore_every=self.rescore_every,
+            round_to=self.round_to,
+            min_keep=self.min_keep,
+            patience=self.patience,
+            max_steps=self.max_steps,
+        )
+
     def category_config(self) -> CategoryConfig:
         return CategoryConfig(
             margin=self.margin,
@@ -486,18 +501,8 @@ def prune(
     """
     if method not in METHODS:
         raise CswapError(f"Unknown method {method!r}.", f"use one of {', '.join(METHODS)}.")
-    schedule_config = ScheduleConfig(
-        target_params=target_params,
-        target_macs=target_macs,
-        tolerance=tolerance,
-        initial_chunk=options.get("initial_chunk", 0.01),
-        rescore_every=options.get("rescore_every", 0.10),
-        round_to=options.get("round_to", 1),
-        min_keep=options.get("min_keep", 1),
-        patience=options.get("patience", 8),
-        max_steps=options.get("max_steps", 10_000),
-    )
     opts = _options(options)
+    schedule_config = opts.schedule_config(target_params, target_macs, tolerance)
     started = time.perf_counter()
     prepared = _prepare(
         model,
