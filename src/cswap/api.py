@@ -399,12 +399,12 @@ class _NullBar:
         return False
 
 
-def _progress_bar(total: int, description: str, enabled: bool):
+def _progress_bar(total: int, description: str, enabled: bool, unit: str = "unit"):
     if not enabled:
         return _NullBar()
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=description, leave=False, unit="unit")
+    return tqdm(total=total or None, desc=description, leave=False, unit=unit)
 
 
 def _options(overrides: dict[str, Any]) -> Options:
@@ -535,7 +535,7 @@ def prune(
         state, preset, rounds = checkpoint.load(opts.category_config())
         ranker.preset = preset
         ranker.rounds.extend(rounds)
-    steps_bar = _progress_bar(0, "pruning steps", progress)
+    steps_bar = _progress_bar(0, "pruning steps", progress, unit="step")
 
     def on_step(current: ScheduleState, step: Step, ranking: Ranking | None) -> None:
         steps_bar.update(1)

@@ -120,8 +120,8 @@ def causal_effects(
                     intervened[row, start:stop] = (
                         _true_class(logits, target).to(torch.float64).numpy()
                     )
-                if progress is not None:
-                    progress(len(batch) / len(images) * len(units))
+                    if progress is not None:
+                        progress(len(batch) / len(images))
     finally:
         model.train(was_training)
     # A true-class probability that underflows to 0 would make r infinite.
