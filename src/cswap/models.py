@@ -67,8 +67,8 @@ def load_model(spec: str, *, weights: str | Path | None = None) -> LoadedModel:
     """Build the model named by ``spec`` (see the module docstring), in eval mode."""
     if Path(spec).is_dir() and (Path(spec) / "model" / "spec.json").is_file():
         raise CswapError(
-            f"{spec} is a saved pruned model; loading saved models arrives with the engine.",
-            "use cswap.load(DIR) once the pruning engine has landed.",
+            f"{spec} is a saved pruned model, not a model spec.",
+            "load it with cswap.load(DIR) (the CLI's --model accepts it directly).",
         )
     scheme, body, raw_options = parse_spec(spec, kind="model", help_text=MODEL_SPEC_HELP)
     options = {key: _coerce(value) for key, value in raw_options.items()}

@@ -40,20 +40,6 @@ class CausalEffects:
         return self.relative_effects.mean(axis=1)
 
 
-@torch.no_grad()
-def true_class_probability(
-    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int, device: str
-) -> torch.Tensor:
-    """softmax(model(x))[y] for every sample, computed in ``images``' dtype."""
-    out = []
-    for start in range(0, len(images), batch_size):
-        batch = images[start : start + batch_size].to(device)
-        probabilities = torch.softmax(model(batch), dim=1)
-        target = labels[start : start + batch_size].to(device)
-        out.append(probabilities.gather(1, target.view(-1, 1)).squeeze(1).cpu())
-    return torch.cat(out)
-
-
 def _cut_layer(space: UnitSpace, unit_id: int, runner: SuffixRunner | None) -> str | None:
     """The unit's earliest consumer in the traced graph: everything before it is unchanged."""
     if runner is None:

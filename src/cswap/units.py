@@ -142,9 +142,6 @@ class UnitSpace:
         fixed = self.macs_total - sum(term.amount for term in self.mac_terms)
         return self._total(self.mac_terms, fixed, removed)
 
-    def group_of(self, unit_id: int) -> UnitGroup:
-        return self.groups[self.units[unit_id].group]
-
     def removal_plan(self, removed: Iterable[int]) -> dict[str, list[int]]:
         """Root layer name -> original indices to remove, for surgery and for the saved spec."""
         plan: dict[str, list[int]] = defaultdict(list)
@@ -152,16 +149,6 @@ class UnitSpace:
             unit = self.units[unit_id]
             plan[self.groups[unit.group].root].append(unit.index)
         return {root: sorted(indices) for root, indices in plan.items()}
-
-    def units_from_plan(self, plan: dict[str, Sequence[int]]) -> list[int]:
-        by_key = {(self.groups[u.group].root, u.index): u.id for u in self.units}
-        try:
-            return sorted(by_key[(root, int(i))] for root, indices in plan.items() for i in indices)
-        except KeyError as error:
-            raise CswapError(
-                f"The removal plan names a unit {error} that this model does not have.",
-                "replay a plan onto the same architecture it was made for.",
-            ) from error
 
 
 def module_names(model: nn.Module) -> dict[nn.Module, str]:

@@ -36,13 +36,3 @@ class Batches:
 
     def __len__(self) -> int:
         return len(self.dataset)
-
-    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """All images and labels as two tensors (for the calibration set)."""
-        images, labels = zip(*self, strict=True)
-        return torch.cat(images), torch.cat(labels)
-
-    def example(self) -> torch.Tensor:
-        """One image with a batch dimension, for tracing and MAC counting."""
-        images, _ = next(iter(self))
-        return images[:1]
