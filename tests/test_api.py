@@ -212,3 +212,46 @@ def test_bad_input_is_refused_with_one_clear_error(trained_tiny, data):
         run(trained_tiny, data, method="magic")
     with pytest.raises(CswapError, match="empty"):
         cswap.prune(trained_tiny, TensorDataset(x[:0], y[:0]), target_params=0.5)
+
+
+@pytest.mark.parametrize("method", ["l1", "taylor", "cswap"])
+def test_oneshot_lands_on_the_target_within_one_unit(trained_tiny, data, method):
+    result = run(trained_tiny, data, method=method, mode="oneshot", target_params=0.4)
+    report = result.report
+    assert report["mode"] == "oneshot" and report["method"] == method
+    assert report["stop_reason"] == "target_reached" and report["steps"] == []
+    limit = 0.6 * report["params_before"]
+    assert report["params_after"] <= limit
+    removed = [u for u in report["units"] if u["removed_at_step"] is not None]
+    largest = max(u["params"] for u in removed)
+    assert report["params_after"] > limit - largest  # not one unit more than needed
+    if method == "cswap":
+        assert report["categories"] is not None
+    else:
+        assert report["categories"] is None and all("score" in u for u in report["units"])
+        # the criterion's lowest-scored units went first
+        kept = [u["score"] for u in report["units"] if u["removed_at_step"] is None]
+        assert max(u["score"] for u in removed) <= max(kept)
+
+
+def test_compensation_is_recorded_and_removal_stays_equivalent(trained_tiny, data):
+    plain = run(trained_tiny, data, method="l1", mode="oneshot", compensate="none")
+    mean = run(trained_tiny, data, method="l1", mode="oneshot", compensate="mean")
+    assert plain.report["compensation"] == {"mode": "none"}
+    info = mean.report["compensation"]
+    assert info["mode"] == "mean" and info["mean_images"] > 0 and info["folded_into"]
+    # same ranking, same cut: only the folded constants differ
+    removed = [u["id"] for u in plain.report["units"] if u["removed_at_step"] is not None]
+    assert removed == [u["id"] for u in mean.report["units"] if u["removed_at_step"] is not None]
+    assert mean.report["equivalence_max_abs_diff"] < 1e-4
+    assert info["border_gap_max_abs_logit"] >= 0.0
+
+
+def test_unknown_method_mode_and_compensation_are_refused(trained_tiny, data):
+    for kwargs, word in (
+        ({"method": "magic"}, "method"),
+        ({"mode": "sometimes"}, "mode"),
+        ({"compensate": "lots"}, "compensate"),
+    ):
+        with pytest.raises(CswapError, match=f"Unknown {word}"):
+            run(trained_tiny, data, **kwargs)

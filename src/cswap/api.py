@@ -26,6 +26,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from cswap.adapters import canonicalize
 from cswap.categorize import Categorization, CategoryConfig, Ranking, categorize, causal_ranking
+from cswap.compensation import Compensation, measure_means
+from cswap.criteria import CRITERIA, criterion_scores, ranking_from_scores
 from cswap.data.batches import Batches
 from cswap.data.preprocessing import Preprocessing
 from cswap.devices import resolve_device
@@ -36,19 +38,25 @@ from cswap.export import load as load_saved
 from cswap.measure import predict
 from cswap.report import units_arrays, write_report
 from cswap.schedule import (
+    CANDIDATES_EXHAUSTED,
+    TARGET_REACHED,
     ScheduleConfig,
     ScheduleResult,
     ScheduleState,
     Step,
     Validation,
+    oneshot,
     run_schedule,
 )
 from cswap.scoring import causal_effects
-from cswap.surgery import check_equivalence, prune_copy
+from cswap.surgery import check_equivalence, prune_and_fold
 from cswap.units import UnitSpace, classifier_layers, discover_units
 
 log = logging.getLogger("cswap")
-METHODS = ("cswap",)
+METHODS = ("cswap", *CRITERIA)
+MODES = ("progressive", "oneshot")
+COMPENSATIONS = ("none", "mean")
+DEFAULT_COMPENSATE = "mean"
 OUTPUT_FILES = (
     "report.json",
     "units.npz",
@@ -86,6 +94,7 @@ class Options:
     batch_size: int = 256
     validation_fraction: float = 0.5  # of the calibration data, when no validation is given
     latency_threads: int = 1
+    milestones: tuple[float, ...] = ()  # params fractions the progressive loop must stop at
 
     def schedule_config(
         self, target_params: float | None, target_macs: float | None, tolerance: float
@@ -100,6 +109,7 @@ class Options:
             min_keep=self.min_keep,
             patience=self.patience,
             max_steps=self.max_steps,
+            milestones=self.milestones,
         )
 
     def category_config(self) -> CategoryConfig:
@@ -352,14 +362,30 @@ def _prepare(
 
 
 class _CausalRanker:
-    """Scores the remaining units on the current (masked) model and orders them (C-SWAP)."""
+    """Scores the remaining units on the current (masked) model and orders them (C-SWAP).
 
-    def __init__(self, prepared: _Prepared, options: Options, progress: bool) -> None:
+    With a compensation, the interventions are the compensated ones. ``allow_critical``: rank the
+    critical units too (last, by |xi|): a one-shot cut must be able to reach any target.
+    """
+
+    method = "cswap"
+
+    def __init__(
+        self,
+        prepared: _Prepared,
+        options: Options,
+        progress: bool,
+        compensation: Compensation | None = None,
+        allow_critical: bool | None = None,
+    ) -> None:
         self.prepared = prepared
         self.options = options
         self.progress = progress
+        self.compensation = compensation
+        self.allow_critical = options.allow_critical if allow_critical is None else allow_critical
         self.rounds: list[tuple[int, Categorization]] = []  # (units removed before, result)
         self.preset: Ranking | None = None
+        self.scores: np.ndarray | None = None
 
     def categorization(self, removed: tuple[int, ...]) -> Categorization:
         prepared = self.prepared
@@ -373,6 +399,7 @@ class _CausalRanker:
                 already_removed=removed,
                 batch_size=self.options.batch_size,
                 device=prepared.device,
+                compensation=self.compensation,
                 progress=bar.update,
             )
         result = categorize(effects, self.options.category_config())
@@ -385,7 +412,92 @@ class _CausalRanker:
             ranking, self.preset = self.preset, None
             return ranking
         categorization = self.categorization(removed)
-        return causal_ranking(categorization, allow_critical=self.options.allow_critical)
+        return causal_ranking(categorization, allow_critical=self.allow_critical)
+
+
+class _CriterionRanker:
+    """A baseline criterion: scores every unit once, on the unpruned model; ranks the rest."""
+
+    def __init__(self, method: str, prepared: _Prepared, options: Options) -> None:
+        self.method = method
+        self.rounds: list[tuple[int, Categorization]] = []
+        self.preset: Ranking | None = None
+        self.scores = criterion_scores(
+            method,
+            prepared.model,
+            prepared.space,
+            images=prepared.calibration_images,
+            labels=prepared.calibration_labels,
+            seed=options.seed,
+            batch_size=options.batch_size,
+            device=prepared.device,
+        )
+
+    def __call__(self, removed: tuple[int, ...]) -> Ranking:
+        if self.preset is not None:
+            ranking, self.preset = self.preset, None
+            return ranking
+        return ranking_from_scores(self.scores, removed)
+
+
+def _ranker(
+    method: str,
+    mode: str,
+    prepared: _Prepared,
+    options: Options,
+    progress: bool,
+    compensation: Compensation | None,
+):
+    if method == "cswap":
+        allow = True if mode == "oneshot" else None
+        return _CausalRanker(prepared, options, progress, compensation, allow_critical=allow)
+    return _CriterionRanker(method, prepared, options)
+
+
+def _compensation(prepared: _Prepared, compensate: str, options: Options) -> Compensation | None:
+    if compensate == "none":
+        return None
+    return measure_means(
+        prepared.model,
+        prepared.space,
+        prepared.calibration_images,
+        batch_size=options.batch_size,
+        device=prepared.device,
+    )
+
+
+def _check_choices(method: str, mode: str, compensate: str) -> None:
+    for name, value, known in (
+        ("method", method, METHODS),
+        ("mode", mode, MODES),
+        ("compensate", compensate, COMPENSATIONS),
+    ):
+        if value not in known:
+            raise CswapError(f"Unknown {name} {value!r}.", f"use one of {', '.join(known)}.")
+
+
+def oneshot_result(
+    space: UnitSpace,
+    config: ScheduleConfig,
+    ranking: Ranking,
+    validate,
+    baseline: Validation,
+) -> ScheduleResult:
+    """Cut ``ranking`` to the target in one go (no accept / roll-back), as a schedule result."""
+    removed, reached = oneshot(space, config, ranking)
+    return ScheduleResult(
+        removed=removed,
+        removed_at_step=dict.fromkeys(removed, 0),
+        failed=(),
+        steps=(),
+        stop_reason=TARGET_REACHED if reached else CANDIDATES_EXHAUSTED,
+        params_before=space.params_total,
+        params_after=space.params_after(removed),
+        macs_before=space.macs_total,
+        macs_after=space.macs_after(removed),
+        baseline_accuracy=baseline.accuracy,
+        final_validation=validate(removed) if removed else baseline,
+    )
 
 
 class _NullBar:
@@ -412,8 +524,9 @@ def _options(overrides: dict[str, Any]) -> Options:
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise CswapError(f"Unknown option(s) {unknown}.", f"known options: {sorted(known)}.")
-    if "ignored_layers" in overrides:
-        overrides = overrides | {"ignored_layers": tuple(overrides["ignored_layers"])}
+    for name in ("ignored_layers", "milestones"):
+        if name in overrides:
+            overrides = overrides | {name: tuple(overrides[name])}
     options = Options(**overrides)
     options.category_config()  # validates the test settings
     for name in ("batch_size", "latency_threads", "min_class_size"):
@@ -444,9 +557,15 @@ def score(
     device: str | None = None,
     progress: bool = True,
     model_spec: str | None = None,
+    compensate: str = DEFAULT_COMPENSATE,
     **options: Any,
 ) -> PruneResult:
-    """Score and categorise every unit without pruning; the result's report holds the units."""
+    """Score and categorise every unit without pruning; the result's report holds the units.
+
+    ``compensate="mean"`` scores the compensated interventions (what ``prune`` with the same
+    setting removes); ``"none"`` the plain removal.
+    """
+    _check_choices("cswap", "progressive", compensate)
     opts = _options(options)
     started = time.perf_counter()
     prepared = _prepare(
@@ -459,9 +578,11 @@ def score(
         options=opts,
         split_validation=False,
     )
-    ranker = _CausalRanker(prepared, opts, progress)
+    compensation = _compensation(prepared, compensate, opts)
+    ranker = _CausalRanker(prepared, opts, progress, compensation)
     categorization = ranker.categorization(())
     report = _base_report(prepared, opts, model_spec, "cswap", categorization)
+    report |= {"mode": None, "compensation": _compensation_report(compensation, compensate, {})}
     report["units"] = _unit_entries(prepared.space, categorization, None, None, None)
     report["scoring_seconds"] = round(time.perf_counter() - started, 2)
     return PruneResult(
@@ -479,6 +600,8 @@ def prune(
     target_macs: float | None = None,
     tolerance: float = 0.005,
     method: str = "cswap",
+    mode: str = "progressive",
+    compensate: str = DEFAULT_COMPENSATE,
     example_input: torch.Tensor | None = None,
     label_free: bool = False,
     device: str | None = None,
@@ -489,18 +612,23 @@ def prune(
     resume: bool = False,
     **options: Any,
 ) -> PruneResult:
-    """Prune ``model`` with C-SWAP to the target; the user's model is left untouched.
+    """Prune ``model`` to the target; the user's model is left untouched.
 
     ``calibration`` / ``validation`` / ``test``: Datasets or DataLoaders of (image, label) (labels
     ignored with ``label_free=True``). ``validation=None`` splits a seeded, class-stratified
     ``validation_fraction`` (default half) off the calibration data. ``test`` (optional) gives the
     final before/after accuracy and is never used for a decision. ``target_params=R`` removes at
     least a fraction R of all parameters (``params_after <= (1 - R) * params_before``), likewise
-    ``target_macs``; with both, the run stops at the first one reached. ``options``: the named
-    defaults of ``Options`` (margin, stat_test, alpha, correction, ...).
+    ``target_macs``; with both, the run stops at the first one reached.
+
+    ``method``: ``cswap`` (causal, the default) or a baseline criterion (``l1``, ``l2``,
+    ``taylor``, ``bn_scale``, ``fpgm``, ``lrp``, ``random``) ranking the same units. ``mode``:
+    ``progressive`` (accept / roll back against the validation tolerance) or ``oneshot`` (cut the
+    ranking to the target, no validation). ``compensate``: ``mean`` folds each removed unit's
+    mean activation into the layers that read it (and scores the compensated interventions);
+    ``none`` removes plainly. ``options``: the named defaults of ``Options``.
     """
-    if method not in METHODS:
-        raise CswapError(f"Unknown method {method!r}.", f"use one of {', '.join(METHODS)}.")
+    _check_choices(method, mode, compensate)
     opts = _options(options)
     schedule_config = opts.schedule_config(target_params, target_macs, tolerance)
     started = time.perf_counter()
@@ -513,7 +641,7 @@ def prune(
         device=device,
         options=opts,
     )
-    ranker = _CausalRanker(prepared, opts, progress)
+    compensation = _compensation(prepared, compensate, opts)
     space = prepared.space
 
     def validate(units: tuple[int, ...]) -> Validation:
@@ -524,62 +652,36 @@ def prune(
             prepared.validation,
             prepared.reference_predictions,
             device=prepared.device,
+            compensation=compensation,
         )
 
-    checkpoint = None
-    if checkpoint_dir:
-        fingerprint = _fingerprint(prepared, opts, schedule_config)
-        checkpoint = _Checkpoint(Path(checkpoint_dir), fingerprint)
-    state = None
-    if checkpoint is not None and resume:
-        state, preset, rounds = checkpoint.load(opts.category_config())
-        ranker.preset = preset
-        ranker.rounds.extend(rounds)
-    steps_bar = _progress_bar(0, "pruning steps", progress, unit="step")
-
-    def on_step(current: ScheduleState, step: Step, ranking: Ranking | None) -> None:
-        steps_bar.update(1)
-        mark = "accepted" if step.accepted else "rolled back"
-        log.info(
-            "step %d: %d units %s, params %d, val acc %.4f (paired s.e. %.4f)",
-            step.index,
-            len(step.units),
-            mark,
-            step.params,
-            step.val_accuracy,
-            step.paired_se,
-        )
-        if ranking is not None:
-            last_ranking[0] = ranking
-        if checkpoint is not None and step.accepted:
-            checkpoint.save(current, last_ranking[0], ranker.rounds)
-
-    first_ranking = ranker(state.removed if state else ())
-    last_ranking = [first_ranking]
-    ranker.preset = first_ranking
-    if checkpoint is not None and state is None:
-        # the first scoring is the expensive part: keep it even if no step is ever accepted
-        initial = ScheduleState(
-            chunk_params=schedule_config.initial_chunk * max(1, space.prunable_params),
-            params_at_last_ranking=space.params_total,
-        )
-        checkpoint.save(initial, first_ranking, ranker.rounds)
-        state = initial
-    with steps_bar:
-        result = run_schedule(
-            space,
+    ranker = _ranker(method, mode, prepared, opts, progress, compensation)
+    if mode == "oneshot":
+        result = oneshot_result(space, schedule_config, ranker(()), validate, prepared.baseline)
+    else:
+        result = _progressive(
+            prepared,
+            opts,
             schedule_config,
             ranker,
             validate,
-            baseline=prepared.baseline,
-            state=state,
-            on_step=on_step,
+            progress=progress,
+            checkpoint_dir=checkpoint_dir,
+            resume=resume,
+            fingerprint_extra={"method": method, "compensate": compensate},
         )
     scoring_seconds = time.perf_counter() - started
-    pruned = prune_copy(prepared.model.cpu(), space, list(result.removed), prepared.example_input)
+    pruned, sinks = prune_and_fold(
+        prepared.model.cpu(), space, list(result.removed), prepared.example_input, compensation
+    )
     check_batch = prepared.calibration_images[: min(16, len(prepared.calibration_images))]
     difference = check_equivalence(
-        prepared.model, pruned, space, list(result.removed), check_batch.cpu()
+        prepared.model,
+        pruned,
+        space,
+        list(result.removed),
+        check_batch.cpu(),
+        compensation=compensation,
     )
     test_batches = _test_batches(test, opts.batch_size)
     before = evaluate(
@@ -597,10 +699,16 @@ def prune(
         latency_threads=opts.latency_threads,
     )
     pruned.to("cpu").eval()
-    first = ranker.rounds[0][1]
+    first = ranker.rounds[0][1] if ranker.rounds else None
     report = _base_report(prepared, opts, model_spec, method, first)
     report |= _prune_summary(prepared, schedule_config, result, before, after, difference)
-    report["units"] = _unit_entries(space, first, ranker.rounds, result, opts)
+    report["mode"] = mode
+    report["compensation"] = _compensation_report(compensation, compensate, sinks)
+    if compensation is not None and result.removed:
+        report["compensation"]["border_gap_max_abs_logit"] = _border_gap(
+            prepared, space, result.removed, compensation, check_batch
+        )
+    report["units"] = _unit_entries(space, first, ranker.rounds, result, opts, ranker.scores)
     report["scoring_rounds"] = [
         {"removed_before": removed_before, "categories": cat.counts()}
         for removed_before, cat in ranker.rounds
@@ -614,8 +722,111 @@ def prune(
         base_spec=model_spec,
         plan=space.removal_plan(result.removed),
         example_input=prepared.example_input,
-        arrays=units_arrays(first),
+        arrays=units_arrays(first) if first is not None else _score_arrays(ranker.scores),
     )
+
+
+def _progressive(
+    prepared: _Prepared,
+    opts: Options,
+    schedule_config: ScheduleConfig,
+    ranker,
+    validate,
+    *,
+    progress: bool,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    fingerprint_extra: dict | None = None,
+    on_accept=None,
+) -> ScheduleResult:
+    """The accept / roll-back loop, checkpointed after the first ranking and every acceptance."""
+    space = prepared.space
+    checkpoint = None
+    if checkpoint_dir:
+        fingerprint = _fingerprint(prepared, opts, schedule_config)
+        fingerprint |= fingerprint_extra or {}
+        checkpoint = _Checkpoint(Path(checkpoint_dir), fingerprint)
+    state = None
+    if checkpoint is not None and resume:
+        state, preset, rounds = checkpoint.load(opts.category_config())
+        ranker.preset = preset
+        ranker.rounds.extend(rounds)
+    steps_bar = _progress_bar(0, "pruning steps", progress, unit="step")
+    last_ranking: list[Ranking] = []
+
+    def on_step(current: ScheduleState, step: Step, ranking: Ranking | None) -> None:
+        steps_bar.update(1)
+        mark = "accepted" if step.accepted else "rolled back"
+        log.info(
+            "step %d: %d units %s, params %d, val acc %.4f (paired s.e. %.4f)",
+            step.index,
+            len(step.units),
+            mark,
+            step.params,
+            step.val_accuracy,
+            step.paired_se,
+        )
+        if ranking is not None:
+            last_ranking[0] = ranking
+        if step.accepted and on_accept is not None:
+            on_accept(current)
+        if checkpoint is not None and step.accepted:
+            checkpoint.save(current, last_ranking[0], ranker.rounds)
+
+    first_ranking = ranker(state.removed if state else ())
+    last_ranking.append(first_ranking)
+    ranker.preset = first_ranking
+    if checkpoint is not None and state is None:
+        # the first scoring is the expensive part: keep it even if no step is ever accepted
+        initial = ScheduleState(
+            chunk_params=schedule_config.initial_chunk * max(1, space.prunable_params),
+            params_at_last_ranking=space.params_total,
+        )
+        checkpoint.save(initial, first_ranking, ranker.rounds)
+        state = initial
+    with steps_bar:
+        return run_schedule(
+            space,
+            schedule_config,
+            ranker,
+            validate,
+            baseline=prepared.baseline,
+            state=state,
+            on_step=on_step,
+        )
+
+
+def _compensation_report(
+    compensation: Compensation | None, compensate: str, sinks: dict[str, str]
+) -> dict:
+    if compensation is None:
+        return {"mode": compensate}
+    return {
+        "mode": compensate,
+        "mean_images": compensation.images,
+        "folded_into": dict(sorted(sinks.items())),
+    }
+
+
+def _border_gap(prepared, space, removed, compensation, batch) -> float:
+    """Max |logit| difference between the fold and the ideal mean replacement (they differ only
+    where a convolution zero-pads; 0 for Linear consumers)."""
+    from cswap.intervene import removed as intervention
+
+    model = prepared.model.cpu().eval()
+    with torch.no_grad():
+        with intervention(model, space, removed, compensation):
+            folded = model(batch.cpu())
+        with intervention(model, space, removed, compensation, ideal=True):
+            ideal = model(batch.cpu())
+    model.to(prepared.device)
+    return float((folded - ideal).abs().max())
+
+
+def _score_arrays(scores: np.ndarray | None) -> dict[str, np.ndarray]:
+    if scores is None:
+        return {}
+    return {"unit_ids": np.arange(len(scores)), "scores": np.asarray(scores, dtype=np.float64)}
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -650,7 +861,7 @@ class _Checkpoint:
 
     def __init__(self, directory: Path, fingerprint: dict) -> None:
         self.directory = directory
-        self.fingerprint = fingerprint
+        self.fingerprint = json.loads(json.dumps(fingerprint))  # as it reads back (tuples: lists)
 
     def save(
         self,
@@ -768,8 +979,8 @@ def _base_report(prepared: _Prepared, options: Options, model_spec, method, firs
         "method": method,
         "settings": _jsonable(options),
         "calibration": prepared.calibration_info,
-        "categories": first.counts(),
-        "category_test": first.config.to_dict(),
+        "categories": first.counts() if first is not None else None,
+        "category_test": first.config.to_dict() if first is not None else None,
         "units_total": len(prepared.space),
         "groups": [
             {"id": g.id, "root": g.root, "kind": g.kind, "size": g.size, "layers": list(g.layers)}
@@ -852,12 +1063,13 @@ def _scores_at_removal(rounds, result: ScheduleResult) -> dict[int, tuple[float,
 
 def _unit_entries(
     space: UnitSpace,
-    first: Categorization,
+    first: Categorization | None,
     rounds,
     result: ScheduleResult | None,
     options: Options | None,
+    scores: np.ndarray | None = None,
 ) -> list[dict]:
-    position = {int(u): i for i, u in enumerate(first.unit_ids)}
+    position = {} if first is None else {int(u): i for i, u in enumerate(first.unit_ids)}
     at_removal = _scores_at_removal(rounds, result) if result is not None else {}
     failed = set(result.failed) if result is not None else set()
     latest_category: dict[int, str] = {}
@@ -873,6 +1085,8 @@ def _unit_entries(
         entry = unit.to_dict()
         entry["xi"] = None if row is None else float(first.xi[row])
         entry["category"] = None if row is None else str(first.categories[row])
+        if first is None and scores is not None:
+            entry["score"] = float(scores[unit.id])
         entry["removed_at_step"] = None
         if result is not None:
             step = result.removed_at_step.get(unit.id)

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from cswap.compensation import Compensation
 from cswap.intervene import removed
 from cswap.measure import count_macs, count_params, measure_latency, predict
 from cswap.schedule import Validation
@@ -74,9 +75,10 @@ def masked_validation(
     reference_predictions: torch.Tensor,
     *,
     device: str = "cpu",
+    compensation: Compensation | None = None,
 ) -> Validation:
     """Validation accuracy of ``model`` with ``units`` removed (masked), and its paired noise."""
-    with removed(model, space, units):
+    with removed(model, space, units, compensation):
         predictions, labels = predict(model, batches, device)
     accuracy = float((predictions == labels).float().mean())
     return Validation(

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from cswap.adapters import canonicalize
+from cswap.compensation import add_zero_biases
 from cswap.data.preprocessing import Preprocessing
 from cswap.errors import CswapError
 from cswap.models import load_model
@@ -109,8 +110,19 @@ def load(path: str | Path, base_model: nn.Module | None = None) -> nn.Module:
     example = torch.zeros(spec["example_input_shape"])
     model = apply_plan(canonicalize(base_model).eval(), spec["removed"], example)
     state = load_file(str(directory / WEIGHTS_FILE))
+    # mean compensation may have given a bias-free layer a bias: recreate it, values follow
+    bias_layers = [key.removesuffix(".bias") for key in state if key.endswith(".bias")]
+    add_zero_biases(model, [layer for layer in bias_layers if _lacks_bias(model, layer)])
     load_state_dict_checked(model, state, source=str(directory / WEIGHTS_FILE))
     return model.eval()
+
+
+def _lacks_bias(model: nn.Module, layer: str) -> bool:
+    try:
+        module = model.get_submodule(layer)
+    except AttributeError:
+        return False
+    return isinstance(module, nn.Linear | nn.Conv1d | nn.Conv2d) and module.bias is None
 
 
 def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | Path) -> Path:

@@ -2,8 +2,11 @@
 
 Removing a unit is computed by masking its indices at the input of every consumer in its group
 (forward pre-hooks multiplying by a 0/1 mask). Zeroing the producer's output instead would not be
-removal when a per-channel affine (BatchNorm, a bias) follows. The context manager removes every
-hook on exit, also when the forward pass raises; hooks hold their model only through the handles.
+removal when a per-channel affine (BatchNorm, a bias) follows. With a ``Compensation`` the removal
+is the compensated one: the same masks, plus each consumer's folded constant added to its output
+(forward hooks), which is exactly what the pruned-and-folded model computes
+(``cswap.compensation``). The context manager removes every hook on exit, also when the forward
+pass raises; hooks hold their model only through the handles.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from cswap.compensation import Compensation, consumer_indices
 from cswap.units import UnitSpace
 
 
@@ -39,15 +43,65 @@ def _mask_hook(dim: int, indices: torch.Tensor):
     return hook
 
 
+def _shift_hook(dim: int, delta: torch.Tensor):
+    def hook(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        shape = [1] * output.dim()
+        shape[dim] = -1
+        return output + delta.to(output).view(shape)
+
+    return hook
+
+
+def _mean_hook(dim: int, indices: torch.Tensor, values: torch.Tensor):
+    def hook(_module: nn.Module, inputs: tuple) -> tuple:
+        x = inputs[0].clone()
+        index = [slice(None)] * x.dim()
+        index[dim] = indices.to(x.device)
+        shape = [1] * x.dim()
+        shape[dim] = -1
+        x[tuple(index)] = values.to(x).view(shape).expand_as(x[tuple(index)])
+        return (x, *inputs[1:])
+
+    return hook
+
+
 @contextmanager
-def removed(model: nn.Module, space: UnitSpace, units: Iterable[int]) -> Iterator[nn.Module]:
-    """Within the block, ``model`` computes what it would with ``units`` physically removed."""
+def removed(
+    model: nn.Module,
+    space: UnitSpace,
+    units: Iterable[int],
+    compensation: Compensation | None = None,
+    *,
+    ideal: bool = False,
+) -> Iterator[nn.Module]:
+    """Within the block, ``model`` computes what it would with ``units`` physically removed (and,
+    with ``compensation``, their mean contribution folded into the consumers).
+
+    ``ideal=True`` (with a compensation) replaces the removed inputs by their means instead of
+    folding: it differs from the fold only at zero-padded convolution borders, and exists to
+    measure that difference.
+    """
     modules = dict(model.named_modules())
+    units = list(units)
     handles = []
     try:
+        if compensation is not None and ideal:
+            for layer, (dim, indices) in consumer_indices(space, units).items():
+                index = torch.tensor(sorted(set(indices)), dtype=torch.long)
+                values = compensation.means[layer].index_select(0, index)
+                hook = _mean_hook(dim, index, values)
+                handles.append(modules[layer].register_forward_pre_hook(hook))
+            yield model
+            return
         for (layer, dim), indices in consumer_masks(space, units).items():
             index_tensor = torch.tensor(sorted(set(indices)), dtype=torch.long)
             handles.append(modules[layer].register_forward_pre_hook(_mask_hook(dim, index_tensor)))
+        if compensation is not None:
+            for layer, (dim, indices) in consumer_indices(space, units).items():
+                module = modules[layer]
+                delta = compensation.delta(module, layer, indices)
+                out_dim = 1 if dim == 1 else -1
+                handles.append(module.register_forward_hook(_shift_hook(out_dim, delta)))
         yield model
     finally:
         for handle in handles:

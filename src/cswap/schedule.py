@@ -59,6 +59,9 @@ class ScheduleConfig:
     min_keep: int = 1
     patience: int = 8
     max_steps: int = 10_000
+    # intermediate params-removed fractions a chunk must not jump over (benchmarks record the
+    # model at each one); the run still stops only at the target
+    milestones: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         if self.target_params is None and self.target_macs is None:
@@ -76,6 +79,10 @@ class ScheduleConfig:
             raise CswapError(
                 f"tolerance={self.tolerance} is outside [0, 1): it is an accuracy fraction.",
                 "pass e.g. 0.005 for half a point.",
+            )
+        if any(not 0.0 < value < 1.0 for value in self.milestones):
+            raise CswapError(
+                f"milestones {self.milestones} must be fractions in (0, 1).", "use e.g. 0.3."
             )
         if self.round_to < 1 or self.min_keep < 1 or self.patience < 1 or self.max_steps < 1:
             raise CswapError(
@@ -150,6 +157,35 @@ def target_reached(space: UnitSpace, config: ScheduleConfig, removed: Sequence[i
         limit = (1.0 - config.target_macs) * space.macs_total
         reached.append(space.macs_after(removed) <= limit)
     return any(reached)
+
+
+def _limit(space: UnitSpace, fraction: float) -> float:
+    return (1.0 - fraction) * space.params_total
+
+
+def next_milestone(space: UnitSpace, config: ScheduleConfig, removed: Sequence[int]):
+    """The first milestone not yet reached by ``removed`` (None when all are)."""
+    params = space.params_after(removed)
+    for milestone in sorted(config.milestones):
+        if params > _limit(space, milestone):
+            return milestone
+    return None
+
+
+def oneshot(
+    space: UnitSpace, config: ScheduleConfig, ranking: Ranking
+) -> tuple[tuple[int, ...], bool]:
+    """Remove blocks in ranking order, without validation, until the target: (removed, reached).
+
+    Per-group safety and round_to apply as in the progressive loop. The cut lands on the target
+    within one block (one unit with round_to=1) of parameters.
+    """
+    removed: list[int] = []
+    for block in make_blocks(space, ranking.order, (), config):
+        if target_reached(space, config, removed):
+            break
+        removed.extend(block)
+    return tuple(removed), target_reached(space, config, removed)
 
 
 def make_blocks(
@@ -302,11 +338,14 @@ def _take_chunk(space, config, blocks, state) -> list[tuple[int, ...]]:
     chunk: list[tuple[int, ...]] = []
     total = 0
     removed = list(state.removed)
+    milestone = next_milestone(space, config, removed)
     for block in blocks:
         chunk.append(block)
         total += _params_of(space, block)
         removed.extend(block)
         if total >= state.chunk_params or target_reached(space, config, removed):
+            break
+        if milestone is not None and space.params_after(removed) <= _limit(space, milestone):
             break
         if state.block_limit and len(chunk) >= state.block_limit:
             break

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from cswap.compensation import Compensation
 from cswap.intervene import removed
 from cswap.suffix import SuffixRunner, try_suffix_runner
 from cswap.units import UnitSpace
@@ -66,11 +67,14 @@ def causal_effects(
     batch_size: int = 256,
     device: str = "cpu",
     prefix_reuse: bool = True,
+    compensation: Compensation | None = None,
     progress: Progress | None = None,
 ) -> CausalEffects:
     """Exact per-sample relative effects of removing each unit in ``units`` (default: all units
     not already removed), one intervention per forward pass over each calibration batch.
 
+    ``compensation``: the interventions are the compensated ones (each unit replaced by its folded
+    mean), so the effects describe what compensated pruning will do.
     ``prefix_reuse`` reruns only the layers from the unit's first consumer onward (exact: the same
     operations on the same values); models that cannot be traced fall back to full passes.
     """
@@ -94,14 +98,14 @@ def causal_effects(
                 batch = images[start : start + batch_size].to(device)
                 target = labels[start : start + batch_size].to(device)
                 stop = start + len(batch)
-                with removed(model, space, already):
+                with removed(model, space, already, compensation):
                     if runner is not None:
                         logits, caches = runner.full(batch)
                     else:
                         logits, caches = model(batch), {}
                 baseline[start:stop] = _true_class(logits, target).to(torch.float64).numpy()
                 for row, (unit_id, cut) in enumerate(zip(units, cuts, strict=True)):
-                    with removed(model, space, [*already, unit_id]):
+                    with removed(model, space, [*already, unit_id], compensation):
                         logits = model(batch) if cut is None else runner.run_from(cut, caches[cut])
                     intervened[row, start:stop] = (
                         _true_class(logits, target).to(torch.float64).numpy()

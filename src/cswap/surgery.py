@@ -9,6 +9,7 @@ import torch_pruning as tp
 from torch import nn
 
 from cswap.adapters import find_head_sites
+from cswap.compensation import Compensation, fold
 from cswap.errors import CswapError
 from cswap.intervene import removed
 from cswap.units import UnitSpace
@@ -46,7 +47,8 @@ def apply_plan(
         channel_plan = {root: ix for root, ix in plan.items() if root not in sites}
         if not channel_plan:
             return model
-        graph = tp.DependencyGraph().build_dependency(model, example_input, verbose=False)
+        with torch.enable_grad():  # Torch-Pruning traces through autograd
+            graph = tp.DependencyGraph().build_dependency(model, example_input, verbose=False)
         for root, indices in channel_plan.items():
             module = modules[root]
             pruner = graph.get_pruner_of_module(module)
@@ -57,12 +59,30 @@ def apply_plan(
     return model
 
 
-def prune_copy(
-    model: nn.Module, space: UnitSpace, units: list[int], example_input: torch.Tensor
-) -> nn.Module:
-    """A physically pruned copy of ``model``; ``model`` itself is untouched."""
+def prune_and_fold(
+    model: nn.Module,
+    space: UnitSpace,
+    units: list[int],
+    example_input: torch.Tensor,
+    compensation: Compensation | None = None,
+) -> tuple[nn.Module, dict[str, str]]:
+    """A physically pruned copy of ``model`` (with ``compensation``: the removed units' mean
+    contribution folded into their consumers first) and where each fold went; ``model`` itself
+    is untouched."""
     pruned = copy.deepcopy(model)
-    return apply_plan(pruned, space.removal_plan(units), example_input)
+    sinks = fold(pruned, space, units, compensation, example_input) if compensation else {}
+    return apply_plan(pruned, space.removal_plan(units), example_input), sinks
+
+
+def prune_copy(
+    model: nn.Module,
+    space: UnitSpace,
+    units: list[int],
+    example_input: torch.Tensor,
+    compensation: Compensation | None = None,
+) -> nn.Module:
+    """``prune_and_fold`` without the fold record."""
+    return prune_and_fold(model, space, units, example_input, compensation)[0]
 
 
 @torch.no_grad()
@@ -73,6 +93,7 @@ def check_equivalence(
     units: list[int],
     batch: torch.Tensor,
     *,
+    compensation: Compensation | None = None,
     rtol: float = 1e-4,
     atol: float = 1e-5,
 ) -> float:
@@ -85,7 +106,7 @@ def check_equivalence(
     model.eval()
     pruned.eval()
     try:
-        with removed(model, space, units):
+        with removed(model, space, units, compensation):
             expected = model(batch)
         actual = pruned(batch)
     finally:

@@ -61,7 +61,12 @@ def summary_lines(report: dict) -> list[str]:
             report.get("test_accuracy_after"),
             "{:.4f}",
         ),
-        f"  categories (first scoring): {report['categories']}",
+        f"  mode {report.get('mode')}, compensation {report.get('compensation', {}).get('mode')}"
+        + (
+            f", categories (first scoring): {report['categories']}"
+            if report.get("categories")
+            else ""
+        ),
     ]
 
 
@@ -85,12 +90,24 @@ def run_prune(
     batch_size: int,
     quiet: bool,
     options: dict,
+    method: str = "cswap",
+    mode: str = "progressive",
+    compensate: str | None = None,
 ) -> dict:
-    from cswap.api import _check_out_dir, load_spec, prune, select_data
+    from cswap.api import (
+        DEFAULT_COMPENSATE,
+        _check_choices,
+        _check_out_dir,
+        load_spec,
+        prune,
+        select_data,
+    )
     from cswap.devices import resolve_device
     from cswap.schedule import ScheduleConfig
 
+    compensate = compensate or DEFAULT_COMPENSATE
     # Check everything cheap before any work or any file is written.
+    _check_choices(method, mode, compensate)
     if not resume:
         _check_out_dir(out, overwrite)
     ScheduleConfig(target_params=target_params, target_macs=target_macs, tolerance=tolerance)
@@ -116,6 +133,9 @@ def run_prune(
         target_params=target_params,
         target_macs=target_macs,
         tolerance=tolerance,
+        method=method,
+        mode=mode,
+        compensate=compensate,
         label_free=label_free,
         device=device,
         progress=not quiet,
@@ -150,6 +170,19 @@ def register(app: typer.Typer) -> None:
         tolerance: Annotated[
             float, typer.Option(help="Allowed validation accuracy drop (fraction).")
         ] = 0.005,
+        method: Annotated[
+            str,
+            typer.Option(
+                help="cswap (causal) or a baseline: l1 l2 taylor bn_scale fpgm lrp random."
+            ),
+        ] = "cswap",
+        mode: Annotated[
+            str, typer.Option(help="progressive (validated steps) or oneshot (one cut).")
+        ] = "progressive",
+        compensate: Annotated[
+            str | None,
+            typer.Option(help="mean (fold removed units' mean activation) or none. Default: mean."),
+        ] = None,
         calib_per_class: Annotated[int, typer.Option(help="Calibration images per class.")] = 50,
         validation_size: Annotated[
             int | None, typer.Option(help="Validation images (default: the rest of the pool).")
@@ -197,7 +230,8 @@ def register(app: typer.Typer) -> None:
         quiet: Annotated[bool, typer.Option(help="No progress bars or info logs.")] = False,
         as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
     ) -> None:
-        """Prune a model with C-SWAP to a target; write report, model and checkpoints to --out."""
+        """Prune a model to a target (C-SWAP or a baseline criterion); write report, model and
+        checkpoints to --out."""
         _configure_logging(quiet)
         report = run_prune(
             model=model,
@@ -217,6 +251,9 @@ def register(app: typer.Typer) -> None:
             device=device,
             batch_size=batch_size,
             quiet=quiet,
+            method=method,
+            mode=mode,
+            compensate=compensate,
             options={
                 "margin": margin,
                 "stat_test": test,
@@ -256,13 +293,16 @@ def register(app: typer.Typer) -> None:
         alpha: Annotated[float, typer.Option(help="Significance level.")] = 0.05,
         correction: Annotated[str, typer.Option(help="holm, bonferroni, bh or none.")] = "holm",
         ignore: Annotated[list[str], typer.Option(help="Layer never to prune.")] = [],  # noqa: B006
+        compensate: Annotated[
+            str | None, typer.Option(help="Score compensated removals: mean or none.")
+        ] = None,
         seed: Annotated[int, typer.Option(help="Seed.")] = 0,
         device: DeviceOption = None,
         batch_size: BatchSizeOption = 256,
         quiet: Annotated[bool, typer.Option(help="No progress bars or info logs.")] = False,
     ) -> None:
         """Score and categorise every unit without pruning (the explanation first)."""
-        from cswap.api import _check_out_dir, load_spec, score, select_data
+        from cswap.api import DEFAULT_COMPENSATE, _check_out_dir, load_spec, score, select_data
         from cswap.devices import resolve_device
 
         _configure_logging(quiet)
@@ -286,6 +326,7 @@ def register(app: typer.Typer) -> None:
             device=resolved,
             progress=not quiet,
             model_spec=model,
+            compensate=compensate or DEFAULT_COMPENSATE,
             margin=margin,
             stat_test=test,
             alpha=alpha,

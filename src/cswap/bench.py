@@ -1,0 +1,516 @@
+"""The benchmark harness: every method x mode x compensation x target on the same units and data.
+
+For each model the data are drawn once (the same calibration, validation and test images for
+every method) and the units discovered once. For each (compensation, method) the units are
+scored once: ``oneshot`` rows for all targets cut that one ranking; the ``progressive`` run goes
+once to the largest target with every smaller target as a milestone (a chunk never jumps over
+one), and the model at each crossing is one row. A progressive run that stops before a target
+(``tolerance_unmet``) gives that target a row with ``reached = False`` and its final model.
+
+Test accuracy is measured on the masked (and compensated) model, which equals the physically
+pruned one (``cswap.surgery`` checks it on every cut in the tests and in ``cswap prune``);
+params and MACs come from the exact accounting; latency from the physically pruned model.
+
+Rows are appended to ``OUT/results.csv`` as they finish; a rerun skips finished rows. First
+scorings are cached in ``OUT/cache`` so the progressive phase does not score again.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import platform
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cswap import api
+from cswap.categorize import Ranking, causal_ranking
+from cswap.criteria import CRITERIA
+from cswap.errors import CswapError
+from cswap.intervene import removed as intervention
+from cswap.measure import measure_latency, predict
+from cswap.schedule import ScheduleConfig, oneshot
+from cswap.surgery import prune_and_fold
+
+log = logging.getLogger("cswap.bench")
+
+ALL_METHODS = ("cswap", *CRITERIA)
+COLUMNS = (
+    "model",
+    "method",
+    "mode",
+    "compensate",
+    "target",
+    "reached",
+    "params_reduction",
+    "macs_reduction",
+    "params",
+    "macs",
+    "test_accuracy",
+    "test_accuracy_before",
+    "test_accuracy_drop",
+    "val_accuracy",
+    "latency_ms",
+    "latency_ms_before",
+    "units_removed",
+    "stop_reason",
+    "scoring_seconds",
+    "total_seconds",
+    "note",
+)
+KEY = ("model", "method", "mode", "compensate", "target")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    models: tuple[str, ...]
+    methods: tuple[str, ...]
+    modes: tuple[str, ...]
+    compensations: tuple[str, ...]
+    targets: tuple[float, ...]
+    tolerance: float = 0.005
+    calib_per_class: int = 50
+    validation_size: int | None = None
+    batch_size: int = 256
+    seed: int = 0
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        for name, values, known in (
+            ("methods", self.methods, ALL_METHODS),
+            ("modes", self.modes, api.MODES),
+            ("compensations", self.compensations, api.COMPENSATIONS),
+        ):
+            unknown = [value for value in values if value not in known]
+            if unknown or not values:
+                raise CswapError(
+                    f"Unknown or no {name}: {unknown or values}.",
+                    f"use some of {', '.join(known)}.",
+                )
+        if not self.targets or any(not 0.0 < t < 1.0 for t in self.targets):
+            raise CswapError(f"targets {self.targets} must be fractions in (0, 1).", "e.g. 0.3.")
+        if not self.models:
+            raise CswapError("No model given.", "pass --models zoo:vgg,...")
+
+
+def parse_list(text: str, everything: Sequence[str] = ()) -> tuple[str, ...]:
+    items = tuple(item.strip() for item in text.split(",") if item.strip())
+    return tuple(everything) if items == ("all",) and everything else items
+
+
+def read_rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _key(row: dict) -> tuple:
+    return tuple(str(row[name]) if name != "target" else f"{float(row[name]):.4f}" for name in KEY)
+
+
+class _Writer:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.rows = read_rows(path)
+        self.done = {_key(row) for row in self.rows}
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("w", newline="") as handle:
+                csv.DictWriter(handle, COLUMNS).writeheader()
+
+    def add(self, row: dict) -> None:
+        row = {name: row.get(name, "") for name in COLUMNS}
+        with self.path.open("a", newline="") as handle:
+            csv.DictWriter(handle, COLUMNS).writerow(row)
+        self.rows.append({k: str(v) for k, v in row.items()})
+        self.done.add(_key(row))
+
+
+class _ModelBench:
+    """One model, prepared once: data, units, test tensors, baseline numbers."""
+
+    def __init__(self, spec: str, config: BenchConfig, progress: bool) -> None:
+        self.spec = spec
+        self.config = config
+        self.progress = progress
+        loaded = api.load_spec(spec)
+        selection = api.select_data(
+            loaded,
+            "fashion-mnist",
+            per_class=config.calib_per_class,
+            validation_size=config.validation_size,
+            seed=config.seed,
+            batch_size=config.batch_size,
+            device=config.device,
+        )
+        self.options = api._options({"batch_size": config.batch_size, "seed": config.seed})
+        self.prepared = api._prepare(
+            loaded.model,
+            selection.calibration,
+            selection.validation,
+            example_input=None,
+            label_free=False,
+            device=config.device,
+            options=self.options,
+        )
+        if selection.test is None:
+            raise CswapError("The data has no test split.", "use fashion-mnist.")
+        images, labels = api._tensors(selection.test, config.batch_size)
+        self.test_batches = [
+            (images[i : i + config.batch_size], labels[i : i + config.batch_size])
+            for i in range(0, len(images), config.batch_size)
+        ]
+        self.accuracy_before = self.test_accuracy((), None)
+        example = self.prepared.example_input
+        self.latency_before = measure_latency(self.prepared.model.cpu(), example, threads=1)
+        self.prepared.model.to(self.prepared.device)
+
+    def test_accuracy(self, units, compensation) -> float:
+        model = self.prepared.model
+        with intervention(model, self.prepared.space, units, compensation):
+            predictions, labels = predict(model, self.test_batches, self.prepared.device)
+        return float((predictions == labels).float().mean())
+
+    def validate(self, compensation):
+        prepared = self.prepared
+
+        def validate(units):
+            return api.masked_validation(
+                prepared.model,
+                prepared.space,
+                units,
+                prepared.validation,
+                prepared.reference_predictions,
+                device=prepared.device,
+                compensation=compensation,
+            )
+
+        return validate
+
+    def row(self, method, mode, compensate, target, units, compensation, **extra) -> dict:
+        space = self.prepared.space
+        units = list(units)
+        params, macs = space.params_after(units), space.macs_after(units)
+        accuracy = self.test_accuracy(units, compensation)
+        pruned, _ = prune_and_fold(
+            self.prepared.model.cpu(), space, units, self.prepared.example_input, compensation
+        )
+        latency = measure_latency(pruned, self.prepared.example_input, threads=1)
+        self.prepared.model.to(self.prepared.device)
+        return {
+            "model": self.spec,
+            "method": method,
+            "mode": mode,
+            "compensate": compensate,
+            "target": f"{target:.4f}",
+            "params_reduction": round(1 - params / space.params_total, 6),
+            "macs_reduction": round(1 - macs / space.macs_total, 6),
+            "params": params,
+            "macs": macs,
+            "test_accuracy": round(accuracy, 6),
+            "test_accuracy_before": round(self.accuracy_before, 6),
+            "test_accuracy_drop": round(self.accuracy_before - accuracy, 6),
+            "latency_ms": round(latency, 4),
+            "latency_ms_before": round(self.latency_before, 4),
+            "units_removed": len(units),
+        } | extra
+
+
+def _cache_path(out: Path, spec: str, method: str, compensate: str) -> Path:
+    safe = spec.replace(":", "_").replace("/", "_")
+    return out / "cache" / f"{safe}__{method}__{compensate}.json"
+
+
+def _first_ranking(bench: _ModelBench, method, compensate, compensation, out: Path):
+    """(oneshot ranking, progressive ranking, scoring seconds), cached on disk."""
+    path = _cache_path(out, bench.spec, method, compensate)
+    if path.is_file():
+        data = json.loads(path.read_text())
+        rankings = [
+            Ranking(
+                order=tuple(item["order"]),
+                scores={int(k): v for k, v in item["scores"].items()},
+                categories={int(k): v for k, v in item["categories"].items()},
+            )
+            for item in data["rankings"]
+        ]
+        return rankings[0], rankings[1], data["scoring_seconds"]
+    started = time.perf_counter()
+    ranker = api._ranker(
+        method, "progressive", bench.prepared, bench.options, bench.progress, compensation
+    )
+    if method == "cswap":
+        categorization = ranker.categorization(())
+        full = causal_ranking(categorization, allow_critical=True)
+        progressive = causal_ranking(categorization, allow_critical=bench.options.allow_critical)
+    else:
+        full = progressive = ranker(())
+    seconds = time.perf_counter() - started
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {
+        "scoring_seconds": seconds,
+        "rankings": [
+            {
+                "order": list(r.order),
+                "scores": {str(k): v for k, v in r.scores.items()},
+                "categories": {str(k): v for k, v in r.categories.items()},
+            }
+            for r in (full, progressive)
+        ],
+    }
+    path.write_text(json.dumps(data))
+    return full, progressive, seconds
+
+
+def _schedule(config: BenchConfig, target: float, milestones=()) -> ScheduleConfig:
+    return ScheduleConfig(
+        target_params=target, tolerance=config.tolerance, milestones=tuple(milestones)
+    )
+
+
+def run_bench(
+    config: BenchConfig,
+    out: str | Path,
+    *,
+    progress: bool = True,
+    echo: Callable[[str], None] = print,
+) -> list[dict]:
+    """Run every missing row; returns all rows of OUT/results.csv. Writes results.json and one
+    PNG per model at the end."""
+    out = Path(out)
+    writer = _Writer(out / "results.csv")
+    targets = tuple(sorted(config.targets))
+    for phase in ("oneshot", "progressive"):
+        if phase not in config.modes:
+            continue
+        for spec in config.models:
+            wanted = [
+                (method, compensate)
+                for compensate in config.compensations
+                for method in config.methods
+                if any(
+                    (spec, method, phase, compensate, f"{t:.4f}") not in writer.done
+                    for t in targets
+                )
+            ]
+            if not wanted:
+                continue
+            echo(f"[{phase}] {spec}: preparing data and units")
+            bench = _ModelBench(spec, config, progress)
+            compensations = {}
+            for method, compensate in wanted:
+                if compensate not in compensations:
+                    compensations[compensate] = api._compensation(
+                        bench.prepared, compensate, bench.options
+                    )
+                compensation = compensations[compensate]
+                try:
+                    rows = _run_one(bench, method, phase, compensate, compensation, targets, out)
+                except CswapError as error:  # e.g. bn_scale on a ViT: a row that says why
+                    rows = [
+                        {
+                            "model": spec,
+                            "method": method,
+                            "mode": phase,
+                            "compensate": compensate,
+                            "target": f"{t:.4f}",
+                            "note": f"not applicable: {error.problem}",
+                        }
+                        for t in targets
+                    ]
+                for row in rows:
+                    if _key(row) not in writer.done:
+                        writer.add(row)
+                        echo(_describe(row))
+    rows = writer.rows
+    write_summary(out, rows, config)
+    return rows
+
+
+def _run_one(bench, method, mode, compensate, compensation, targets, out) -> list[dict]:
+    full, progressive_ranking, scoring_seconds = _first_ranking(
+        bench, method, compensate, compensation, out
+    )
+    space = bench.prepared.space
+    rows = []
+    if mode == "oneshot":  # no validation: a one-shot cut never looks at it
+        for target in targets:
+            started = time.perf_counter()
+            removed, reached = oneshot(space, _schedule(bench.config, target), full)
+            seconds = scoring_seconds + time.perf_counter() - started
+            rows.append(
+                bench.row(
+                    method,
+                    mode,
+                    compensate,
+                    target,
+                    removed,
+                    compensation,
+                    reached=reached,
+                    stop_reason="target_reached" if reached else "candidates_exhausted",
+                    scoring_seconds=round(scoring_seconds, 2),
+                    total_seconds=round(seconds, 2),
+                )
+            )
+        return rows
+    # progressive: one run to the largest target, every smaller one a milestone
+    crossings: dict[float, tuple[tuple[int, ...], float, float]] = {}
+    started = time.perf_counter()
+
+    def on_accept(state) -> None:
+        params = space.params_after(state.removed)
+        validation = state.steps[-1].val_accuracy
+        for target in targets:
+            if target not in crossings and params <= (1 - target) * space.params_total:
+                elapsed = scoring_seconds + time.perf_counter() - started
+                crossings[target] = (state.removed, validation, elapsed)
+
+    ranker = api._ranker(
+        method, "progressive", bench.prepared, bench.options, bench.progress, compensation
+    )
+    ranker.preset = progressive_ranking
+    result = api._progressive(
+        bench.prepared,
+        bench.options,
+        _schedule(bench.config, targets[-1], targets[:-1]),
+        ranker,
+        bench.validate(compensation),
+        progress=bench.progress,
+        on_accept=on_accept,
+    )
+    total = scoring_seconds + time.perf_counter() - started
+    for target in targets:
+        if target in crossings:
+            removed, validation, seconds = crossings[target]
+            reached, stop = True, "target_reached"
+        else:
+            removed, validation = result.removed, result.final_validation.accuracy
+            seconds, reached, stop = total, False, result.stop_reason
+        rows.append(
+            bench.row(
+                method,
+                mode,
+                compensate,
+                target,
+                removed,
+                compensation,
+                reached=reached,
+                val_accuracy=round(validation, 6),
+                stop_reason=stop,
+                scoring_seconds=round(scoring_seconds, 2),
+                total_seconds=round(seconds, 2),
+            )
+        )
+    return rows
+
+
+def _describe(row: dict) -> str:
+    if row.get("note"):
+        return f"{row['model']} {row['method']} {row['mode']} {row['compensate']}: {row['note']}"
+    return (
+        f"{row['model']:14s} {row['method']:8s} {row['mode']:11s} {row['compensate']:4s} "
+        f"target {float(row['target']):.2f}: params -{float(row['params_reduction']):.1%}, "
+        f"test {float(row['test_accuracy']):.4f} (drop {float(row['test_accuracy_drop']):+.4f})"
+        f"{'' if str(row['reached']) == 'True' else ' [not reached]'}"
+    )
+
+
+def write_summary(out: Path, rows: list[dict], config: BenchConfig | None = None) -> None:
+    """results.json (rows + machine) and one PNG per model."""
+    info = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+    if config is not None:
+        info["config"] = {
+            k: list(v) if isinstance(v, tuple) else v for k, v in config.__dict__.items()
+        }
+    (out / "results.json").write_text(json.dumps({"info": info, "rows": rows}, indent=1) + "\n")
+    for model in sorted({row["model"] for row in rows}):
+        figure = plot_model(model, [row for row in rows if row["model"] == model])
+        if figure is not None:
+            safe = model.replace(":", "_").replace("/", "_")
+            figure.savefig(out / f"{safe}.png", dpi=110, bbox_inches="tight")
+            import matplotlib.pyplot as plt
+
+            plt.close(figure)
+
+
+def plot_model(model: str, rows: list[dict]):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [row for row in rows if not row.get("note")]
+    if not rows:
+        return None
+    compensations = sorted({row["compensate"] for row in rows})
+    figure, axes = plt.subplots(
+        1, len(compensations), figsize=(6 * len(compensations), 4.2), sharey=True, squeeze=False
+    )
+    colours = dict(zip(ALL_METHODS, plt.get_cmap("tab10").colors, strict=False))
+    before = float(rows[0]["test_accuracy_before"])
+    for axis, compensate in zip(axes[0], compensations, strict=True):
+        for method in ALL_METHODS:
+            for mode, style in (("oneshot", "--"), ("progressive", "-")):
+                points = sorted(
+                    (float(r["params_reduction"]), float(r["test_accuracy"]))
+                    for r in rows
+                    if r["method"] == method and r["mode"] == mode and r["compensate"] == compensate
+                )
+                points = sorted(set(points))
+                if not points:
+                    continue
+                x, y = zip(*points, strict=True)
+                axis.plot(
+                    x,
+                    y,
+                    style,
+                    marker="o" if mode == "progressive" else "x",
+                    markersize=3,
+                    color=colours[method],
+                    label=f"{method} {mode}",
+                )
+        axis.axhline(before, color="black", linewidth=0.6)
+        axis.set_title(f"{model}, compensation: {compensate}")
+        axis.set_xlabel("params removed (fraction)")
+        axis.set_ylim(max(0.0, before - 0.3), min(1.0, before + 0.02))
+        axis.grid(alpha=0.3)
+    axes[0][0].set_ylabel("test accuracy")
+    axes[0][-1].legend(fontsize=6, ncol=2, loc="lower left")
+    return figure
+
+
+def table(rows: list[dict], targets: Sequence[float] = (0.3, 0.5, 0.7)) -> str:
+    """A markdown table: test accuracy per (model, method, mode, compensation) at ``targets``."""
+    lines = [
+        "| model | method | mode | comp. | " + " | ".join(f"{t:.0%}" for t in targets) + " |",
+        "|---|---|---|---|" + "---|" * len(targets),
+    ]
+    grouped: dict[tuple, dict[float, dict]] = {}
+    for row in rows:
+        key = (row["model"], row["method"], row["mode"], row["compensate"])
+        grouped.setdefault(key, {})[round(float(row["target"]), 4)] = row
+    for key in sorted(grouped):
+        cells = []
+        for target in targets:
+            row = grouped[key].get(round(target, 4))
+            if row is None:
+                cells.append("")
+            elif row.get("note"):
+                cells.append("n/a")
+            else:
+                mark = "" if str(row["reached"]) == "True" else "*"
+                cells.append(f"{float(row['test_accuracy']):.4f}{mark}")
+        lines.append("| " + " | ".join(key) + " | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

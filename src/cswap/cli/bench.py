@@ -1,0 +1,79 @@
+"""`cswap bench`: every method x mode x compensation x target, resumable, into one CSV."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cswap.cli.common import BatchSizeOption, DeviceOption, fail_cleanly
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("bench")
+    @fail_cleanly
+    def bench_command(
+        models: Annotated[
+            str, typer.Option(help="Comma-separated model specs.")
+        ] = "zoo:vgg,zoo:resnet20,zoo:vit",
+        methods: Annotated[str, typer.Option(help="Comma-separated methods, or all.")] = "all",
+        modes: Annotated[str, typer.Option(help="oneshot, progressive or both.")] = (
+            "oneshot,progressive"
+        ),
+        compensate: Annotated[
+            str, typer.Option(help="Comma-separated compensations: none, mean.")
+        ] = "none,mean",
+        targets: Annotated[
+            str, typer.Option(help="Fractions of params removed.")
+        ] = "0.1,0.2,0.3,0.4,0.5,0.6,0.7",
+        tolerance: Annotated[
+            float, typer.Option(help="Progressive mode's validation tolerance.")
+        ] = 0.005,
+        calib_per_class: Annotated[int, typer.Option(help="Calibration images per class.")] = 50,
+        validation_size: Annotated[
+            int | None, typer.Option(help="Validation images (default: the rest of the pool).")
+        ] = None,
+        out: Annotated[Path, typer.Option(help="Output directory (resumed if it exists).")] = Path(
+            "runs/bench"
+        ),
+        seed: Annotated[int, typer.Option(help="Seed of every random choice.")] = 0,
+        device: DeviceOption = None,
+        batch_size: BatchSizeOption = 256,
+        quiet: Annotated[bool, typer.Option(help="No progress bars or info logs.")] = False,
+    ) -> None:
+        """Benchmark methods on models: OUT/results.csv, results.json, one PNG per model.
+
+        Rerunning with the same OUT skips the rows already there."""
+        from cswap.bench import ALL_METHODS, BenchConfig, parse_list, run_bench, table
+        from cswap.devices import resolve_device
+
+        logging.basicConfig(
+            level=logging.WARNING if quiet else logging.INFO,
+            format="%(asctime)s %(levelname)s %(message)s",
+        )
+        try:
+            target_values = tuple(float(t) for t in parse_list(targets))
+        except ValueError as error:
+            from cswap.errors import CswapError
+
+            raise CswapError(
+                f"--targets {targets!r} is not a list of numbers.", "e.g. 0.3,0.5."
+            ) from error
+        config = BenchConfig(
+            models=parse_list(models),
+            methods=parse_list(methods, ALL_METHODS),
+            modes=parse_list(modes),
+            compensations=parse_list(compensate),
+            targets=target_values,
+            tolerance=tolerance,
+            calib_per_class=calib_per_class,
+            validation_size=validation_size,
+            batch_size=batch_size,
+            seed=seed,
+            device=resolve_device(device),
+        )
+        rows = run_bench(config, out, progress=not quiet, echo=typer.echo)
+        typer.echo(table(rows))
+        typer.echo(f"results: {out / 'results.csv'}")

@@ -1,0 +1,83 @@
+"""`cswap bench`: one row per model x method x mode x compensation x target, resumable."""
+
+import csv
+
+import pytest
+import torch
+
+from cswap.bench import COLUMNS, BenchConfig, run_bench, table
+from cswap.errors import CswapError
+from cswap.units import discover_units
+from cswap.zoo.registry import ZOO
+from cswap.zoo.store import build
+
+TARGETS = (0.05, 0.1)
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    config = BenchConfig(
+        models=("zoo:vit",),
+        methods=("l1", "random"),
+        modes=("oneshot", "progressive"),
+        compensations=("none", "mean"),
+        targets=TARGETS,
+        tolerance=0.05,
+        calib_per_class=3,
+        validation_size=300,
+    )
+    lines = []
+    rows = run_bench(config, out, progress=False, echo=lines.append)
+    return config, out, rows, lines
+
+
+def test_every_row_is_written_with_every_column(bench_run):
+    _, out, rows, _ = bench_run
+    with (out / "results.csv").open() as handle:
+        written = list(csv.DictReader(handle))
+    assert len(written) == len(rows) == 2 * 2 * 2 * len(TARGETS)
+    assert tuple(written[0]) == COLUMNS
+    for row in written:
+        assert row["model"] == "zoo:vit"
+        before, after = float(row["test_accuracy_before"]), float(row["test_accuracy"])
+        assert float(row["test_accuracy_drop"]) == pytest.approx(before - after, abs=1e-5)
+        assert float(row["latency_ms"]) > 0 and float(row["scoring_seconds"]) >= 0
+        if row["mode"] == "oneshot" or row["reached"] == "True":
+            assert float(row["params_reduction"]) >= float(row["target"])
+    assert (out / "results.json").is_file() and (out / "zoo_vit.png").is_file()
+    # a oneshot row overshoots its target by less than one unit's worth
+    model = build(ZOO["vit"])
+    space = discover_units(model, torch.zeros(1, 1, 28, 28))
+    largest = max(unit.params for unit in space.units) / space.params_total
+    oneshot = [r for r in written if r["mode"] == "oneshot"]
+    assert all(float(r["params_reduction"]) - float(r["target"]) < largest for r in oneshot)
+
+
+def test_rerun_skips_finished_rows(bench_run):
+    config, out, rows, _ = bench_run
+    lines = []
+    again = run_bench(config, out, progress=False, echo=lines.append)
+    assert len(again) == len(rows)
+    assert lines == []  # nothing prepared, nothing run
+
+
+def test_the_table_and_bad_configs():
+    rows = [
+        {
+            "model": "m",
+            "method": "l1",
+            "mode": "oneshot",
+            "compensate": "none",
+            "target": "0.3000",
+            "reached": "True",
+            "test_accuracy": "0.81234",
+            "note": "",
+        }
+    ]
+    text = table(rows, targets=(0.3, 0.5))
+    assert "| m | l1 | oneshot | none | 0.8123 |  |" in text
+    with pytest.raises(CswapError, match="methods"):
+        BenchConfig(("m",), ("magic",), ("oneshot",), ("none",), (0.3,))
+    with pytest.raises(CswapError, match="targets"):
+        BenchConfig(("m",), ("l1",), ("oneshot",), ("none",), (1.5,))
