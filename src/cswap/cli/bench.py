@@ -24,7 +24,7 @@ def register(app: typer.Typer) -> None:
         ),
         compensate: Annotated[
             str, typer.Option(help="Comma-separated compensations: none, mean.")
-        ] = "none,mean",
+        ] = "mean,none",
         targets: Annotated[
             str, typer.Option(help="Fractions of params removed.")
         ] = "0.1,0.2,0.3,0.4,0.5,0.6,0.7",
