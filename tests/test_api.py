@@ -245,6 +245,9 @@ def test_compensation_is_recorded_and_removal_stays_equivalent(trained_tiny, dat
     assert removed == [u["id"] for u in mean.report["units"] if u["removed_at_step"] is not None]
     assert mean.report["equivalence_max_abs_diff"] < 1e-4
     assert info["border_gap_max_abs_logit"] >= 0.0
+    refit = run(trained_tiny, data, method="l1", mode="oneshot", compensate="lstsq")
+    assert refit.report["compensation"]["mode"] == "lstsq"
+    assert refit.report["equivalence_max_abs_diff"] < 1e-4
 
 
 def test_unknown_method_mode_and_compensation_are_refused(trained_tiny, data):

@@ -35,12 +35,13 @@ MODELS = {
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_compensated_masking_equals_pruned_and_folded(name):
+@pytest.mark.parametrize("mode", ["mean", "lstsq"])
+def test_compensated_masking_equals_pruned_and_folded(name, mode):
     factory, shape = MODELS[name]
     model = factory()
     images = torch.randn(*shape)
     space = discover_units(model, images[:1])
-    compensation = measure_means(model, space, images)
+    compensation = measure_means(model, space, images, mode=mode)
     units = _random_subset(space, 0, fraction=0.3)
     before = {key: value.clone() for key, value in model.state_dict().items()}
     pruned = prune_copy(model, space, units, images[:1], compensation)
@@ -165,6 +166,33 @@ def test_ideal_replacement_differs_from_the_fold_only_at_padded_borders():
         else:
             assert gap[..., 1:-1, 1:-1].max() < 1e-5  # interior: identical
             assert gap.max() > 1e-3  # borders: the padded taps never saw the mean
+
+
+def test_lstsq_moves_a_duplicate_neuron_onto_its_twin_exactly():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).double().eval()
+    with torch.no_grad():  # neuron 3 duplicates neuron 1: removing it loses nothing
+        model[0].weight[3] = model[0].weight[1]
+        model[0].bias[3] = model[0].bias[1]
+    x = torch.randn(40, 3, dtype=torch.float64)
+    space = discover_units(model, x[:1])
+    twin = next(u.id for u in space.units if u.index == 3)
+    exact = measure_means(model, space, x[:20], mode="lstsq", ridge=1e-12)
+    mean = measure_means(model, space, x[:20], mode="mean")
+    with torch.no_grad():
+        reference = model(x)  # also on images the fit never saw
+        refit = prune_copy(model, space, [twin], x[:1], exact)
+        assert torch.allclose(refit(x), reference, rtol=1e-8, atol=1e-8)
+        assert refit[2].weight.shape == (2, 3)
+        folded = prune_copy(model, space, [twin], x[:1], mean)
+        assert not torch.allclose(folded(x), reference, atol=1e-3)  # the mean cannot do this
+
+
+def test_lstsq_refuses_a_layer_too_wide_for_its_gram_matrix():
+    model = nn.Sequential(nn.Linear(3, 9000), nn.ReLU(), nn.Linear(9000, 2)).eval()
+    space = discover_units(model, torch.zeros(1, 3))
+    with pytest.raises(CswapError, match="GiB Gram matrix"):
+        measure_means(model, space, torch.zeros(4, 3), mode="lstsq")
 
 
 def test_compensation_needs_images():

@@ -55,7 +55,7 @@ from cswap.units import UnitSpace, classifier_layers, discover_units
 log = logging.getLogger("cswap")
 METHODS = ("cswap", *CRITERIA)
 MODES = ("progressive", "oneshot")
-COMPENSATIONS = ("none", "mean")
+COMPENSATIONS = ("none", "mean", "lstsq")
 DEFAULT_COMPENSATE = "mean"
 OUTPUT_FILES = (
     "report.json",
@@ -399,7 +399,7 @@ class _CausalRanker:
                 already_removed=removed,
                 batch_size=self.options.batch_size,
                 device=prepared.device,
-                compensation=self.compensation,
+                compensation=self.compensation and self.compensation.scoring_view(),
                 progress=bar.update,
             )
         result = categorize(effects, self.options.category_config())
@@ -463,6 +463,7 @@ def _compensation(prepared: _Prepared, compensate: str, options: Options) -> Com
         prepared.calibration_images,
         batch_size=options.batch_size,
         device=prepared.device,
+        mode=compensate,
     )
 
 
@@ -626,7 +627,9 @@ def prune(
     ``progressive`` (accept / roll back against the validation tolerance) or ``oneshot`` (cut the
     ranking to the target, no validation). ``compensate``: ``mean`` folds each removed unit's
     mean activation into the layers that read it (and scores the compensated interventions);
-    ``none`` removes plainly. ``options``: the named defaults of ``Options``.
+    ``lstsq`` refits the reading layers' remaining weights and bias by ridge least squares to
+    reproduce their original outputs on the calibration data (scoring uses the mean
+    replacement); ``none`` removes plainly. ``options``: the named defaults of ``Options``.
     """
     _check_choices(method, mode, compensate)
     opts = _options(options)
@@ -704,7 +707,7 @@ def prune(
     report |= _prune_summary(prepared, schedule_config, result, before, after, difference)
     report["mode"] = mode
     report["compensation"] = _compensation_report(compensation, compensate, sinks)
-    if compensation is not None and result.removed:
+    if compensate == "mean" and result.removed:
         report["compensation"]["border_gap_max_abs_logit"] = _border_gap(
             prepared, space, result.removed, compensation, check_batch
         )

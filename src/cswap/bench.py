@@ -224,7 +224,8 @@ class _ModelBench:
 
 def _cache_path(out: Path, spec: str, method: str, compensate: str) -> Path:
     safe = spec.replace(":", "_").replace("/", "_")
-    return out / "cache" / f"{safe}__{method}__{compensate}.json"
+    scored_with = "mean" if compensate == "lstsq" else compensate  # lstsq scores with the means
+    return out / "cache" / f"{safe}__{method}__{scored_with}.json"
 
 
 def _first_ranking(bench: _ModelBench, method, compensate, compensation, out: Path):

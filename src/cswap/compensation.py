@@ -41,15 +41,62 @@ from torch import nn
 from cswap.errors import CswapError
 from cswap.units import UnitSpace
 
-MODES = ("none", "mean")
+MODES = ("none", "mean", "lstsq")
+MAX_LSTSQ_FEATURES = 8192  # a consumer's Gram matrix is (features + 1)^2 float64 values
 
 
 @dataclass(frozen=True, eq=False)
 class Compensation:
-    """Mean input of every consumer layer, per input index (float64, on the CPU)."""
+    """Mean input of every consumer layer, per input index (float64, on the CPU); for
+    ``lstsq`` also the Gram matrix of each consumer's (unfolded) inputs with a ones column."""
 
     means: dict[str, torch.Tensor]
     images: int
+    mode: str = "mean"
+    grams: dict[str, torch.Tensor] | None = None
+    ridge: float = 1e-3
+
+    def scoring_view(self) -> Compensation:
+        """What scoring intervenes with: the mean replacement (refitting the consumers for every
+        single unit would cost a linear solve per unit and consumer)."""
+        if self.mode == "mean":
+            return self
+        return Compensation(means=self.means, images=self.images)
+
+    def refit(
+        self, module: nn.Module, layer: str, indices: Iterable[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight, bias) of ``module`` refitted by ridge least squares to reproduce its original
+        outputs on the calibration inputs, with input channels ``indices`` removed.
+
+        With x~ = (unfolded input, 1) and theta = (W, b), the original output is x~ theta, so the
+        fit needs only the Gram matrix G = E[x~ x~^T]: theta_K = (G_KK + l I)^-1 (G_K: theta +
+        l theta_K), K the kept features and the bias, l = ridge * mean(diag G_KK). Removed columns
+        of the returned weight are zero.
+        """
+        gram = self.grams[layer]
+        weight = module.weight.detach().to("cpu", torch.float64)
+        out = weight.shape[0]
+        flat = weight.reshape(out, -1)
+        per_channel = flat.shape[1] // weight.shape[1]
+        bias = (
+            module.bias.detach().to("cpu", torch.float64)
+            if module.bias is not None
+            else torch.zeros(out, dtype=torch.float64)
+        )
+        theta = torch.cat([flat.T, bias.view(1, -1)])  # (features + 1, out)
+        gone = torch.zeros(weight.shape[1], dtype=torch.bool)
+        gone[sorted(set(indices))] = True
+        keep = torch.cat([(~gone).repeat_interleave(per_channel), torch.tensor([True])])
+        kept = keep.nonzero().squeeze(1)
+        system = gram.index_select(0, kept).index_select(1, kept)
+        scale = self.ridge * system.diagonal().mean().clamp_min(1e-12)
+        rhs = gram.index_select(0, kept) @ theta + scale * theta.index_select(0, kept)
+        system = system + scale * torch.eye(len(kept), dtype=torch.float64)
+        solution = torch.linalg.solve(system, rhs)
+        new_flat = torch.zeros_like(flat)
+        new_flat[:, kept[:-1]] = solution[:-1].T
+        return new_flat.view_as(weight), solution[-1]
 
     def delta(self, module: nn.Module, layer: str, indices: Iterable[int]) -> torch.Tensor:
         """The constant ``module`` adds to its output (per output channel / feature) from its
@@ -90,6 +137,32 @@ def check_consumers(model: nn.Module, space: UnitSpace) -> None:
             )
 
 
+def _features(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(rows, features + 1): the inputs each output is computed from, with a ones column."""
+    x = x.detach().to(torch.float64)
+    if isinstance(module, nn.Linear):
+        rows = x.reshape(-1, x.shape[-1])
+    else:
+        if isinstance(module, nn.Conv1d):
+            x = x.unsqueeze(2)
+        kernel = module.kernel_size if isinstance(module, nn.Conv2d) else (1, *module.kernel_size)
+        stride = module.stride if isinstance(module, nn.Conv2d) else (1, *module.stride)
+        padding = module.padding if isinstance(module, nn.Conv2d) else (0, *module.padding)
+        dilation = module.dilation if isinstance(module, nn.Conv2d) else (1, *module.dilation)
+        if isinstance(padding, str) or module.padding_mode != "zeros":
+            raise CswapError(
+                f"lstsq compensation supports zero-padded convolutions with numeric padding; "
+                f"{type(module).__name__} has padding={module.padding!r}, "
+                f"padding_mode={module.padding_mode!r}.",
+                "use compensate='mean'.",
+            )
+        patches = nn.functional.unfold(
+            x, kernel, dilation=dilation, padding=padding, stride=stride
+        )  # (N, C*k*k, L)
+        rows = patches.transpose(1, 2).reshape(-1, patches.shape[1])
+    return torch.cat([rows, torch.ones(len(rows), 1, dtype=rows.dtype, device=rows.device)], 1)
+
+
 @torch.no_grad()
 def measure_means(
     model: nn.Module,
@@ -98,19 +171,41 @@ def measure_means(
     *,
     batch_size: int = 256,
     device: str = "cpu",
+    mode: str = "mean",
+    ridge: float = 1e-3,
 ) -> Compensation:
-    """Mean input of every consumer layer over ``images`` (the unpruned model, eval mode)."""
+    """Mean input of every consumer layer over ``images`` (the unpruned model, eval mode); with
+    ``mode="lstsq"`` also each consumer's input Gram matrix."""
     if len(images) == 0:
-        raise CswapError("Mean compensation needs calibration images; got none.", "pass some.")
+        raise CswapError(f"{mode} compensation needs calibration images; got none.", "pass some.")
+    if mode not in MODES[1:]:
+        raise CswapError(f"Unknown compensation {mode!r}.", f"use one of {', '.join(MODES)}.")
     check_consumers(model, space)
     modules = dict(model.named_modules())
     dims = {target.layer: target.dim for unit in space.units for target in unit.targets}
+    if mode == "lstsq":
+        for layer in dims:
+            weight = modules[layer].weight
+            features = weight[0].numel()
+            if features > MAX_LSTSQ_FEATURES:
+                raise CswapError(
+                    f"lstsq compensation of {layer} would solve with {features:,} input "
+                    f"features (a {8 * (features + 1) ** 2 / 2**30:.1f} GiB Gram matrix).",
+                    "use compensate='mean' for this model, or ignore that layer's inputs.",
+                )
     sums: dict[str, torch.Tensor] = {}
+    grams: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = defaultdict(int)
+    gram_rows: dict[str, int] = defaultdict(int)
 
     def recorder(layer: str, dim: int):
-        def hook(_module: nn.Module, inputs: tuple) -> None:
+        def hook(module: nn.Module, inputs: tuple) -> None:
             x = inputs[0].detach().to(torch.float64)
+            if mode == "lstsq":
+                rows = _features(module, inputs[0])
+                product = (rows.T @ rows).cpu()
+                grams[layer] = grams[layer] + product if layer in grams else product
+                gram_rows[layer] += rows.shape[0]
             x = x.movedim(dim, -1).reshape(-1, x.shape[dim])
             total = x.sum(0).cpu()
             sums[layer] = sums[layer] + total if layer in sums else total
@@ -138,6 +233,9 @@ def measure_means(
             "ignore them (--ignore LAYER) or use compensate='none'.",
         )
     means = {layer: sums[layer] / counts[layer] for layer in dims}
+    if mode == "lstsq":
+        normalized = {layer: grams[layer] / gram_rows[layer] for layer in dims}
+        return Compensation(means, len(images), mode="lstsq", grams=normalized, ridge=ridge)
     return Compensation(means=means, images=len(images))
 
 
@@ -174,7 +272,14 @@ def fold(
     try:
         for layer, (_dim, indices) in sorted(consumer_indices(space, units).items()):
             module = modules[layer]
-            delta = compensation.delta(module, layer, indices)
+            if compensation.mode == "lstsq":
+                weight, delta = compensation.refit(module, layer, indices)
+                with torch.no_grad():
+                    module.weight.copy_(weight.to(module.weight))
+                    if module.bias is not None:
+                        module.bias.zero_()  # the refitted bias replaces it entirely
+            else:
+                delta = compensation.delta(module, layer, indices)
             if module.bias is not None:
                 with torch.no_grad():
                     module.bias.add_(delta.to(module.bias))

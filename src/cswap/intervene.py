@@ -52,6 +52,19 @@ def _shift_hook(dim: int, delta: torch.Tensor):
     return hook
 
 
+def _refit_hook(weight: torch.Tensor, bias: torch.Tensor):
+    """The consumer's output recomputed with refitted (lstsq) weights on its masked input."""
+
+    def hook(module: nn.Module, inputs: tuple, _output: torch.Tensor) -> torch.Tensor:
+        x = inputs[0]
+        w, b = weight.to(x), bias.to(x)
+        if isinstance(module, nn.Linear):
+            return nn.functional.linear(x, w, b)
+        return module._conv_forward(x, w, b)
+
+    return hook
+
+
 def _mean_hook(dim: int, indices: torch.Tensor, values: torch.Tensor):
     def hook(_module: nn.Module, inputs: tuple) -> tuple:
         x = inputs[0].clone()
@@ -77,6 +90,7 @@ def removed(
     """Within the block, ``model`` computes what it would with ``units`` physically removed (and,
     with ``compensation``, their mean contribution folded into the consumers).
 
+    With an ``lstsq`` compensation each consumer computes with its refitted weights instead.
     ``ideal=True`` (with a compensation) replaces the removed inputs by their means instead of
     folding: it differs from the fold only at zero-padded convolution borders, and exists to
     measure that difference.
@@ -96,7 +110,12 @@ def removed(
         for (layer, dim), indices in consumer_masks(space, units).items():
             index_tensor = torch.tensor(sorted(set(indices)), dtype=torch.long)
             handles.append(modules[layer].register_forward_pre_hook(_mask_hook(dim, index_tensor)))
-        if compensation is not None:
+        if compensation is not None and compensation.mode == "lstsq":
+            for layer, (_dim, indices) in consumer_indices(space, units).items():
+                module = modules[layer]
+                weight, bias = compensation.refit(module, layer, indices)
+                handles.append(module.register_forward_hook(_refit_hook(weight, bias)))
+        elif compensation is not None:
             for layer, (dim, indices) in consumer_indices(space, units).items():
                 module = modules[layer]
                 delta = compensation.delta(module, layer, indices)

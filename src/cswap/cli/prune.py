@@ -181,7 +181,10 @@ def register(app: typer.Typer) -> None:
         ] = "progressive",
         compensate: Annotated[
             str | None,
-            typer.Option(help="mean (fold removed units' mean activation) or none. Default: mean."),
+            typer.Option(
+                help="mean (fold removed units' mean activation), lstsq (refit the reading "
+                "layers by ridge least squares) or none. Default: mean."
+            ),
         ] = None,
         calib_per_class: Annotated[int, typer.Option(help="Calibration images per class.")] = 50,
         validation_size: Annotated[
