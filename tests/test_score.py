@@ -3,6 +3,7 @@
 import numpy as np
 import torch
 
+from conftest import TinyNet, randomize_batchnorm
 from cswap.categorize import categorize
 from cswap.intervene import hook_count
 from cswap.scoring import CausalEffects, causal_effects
@@ -81,7 +82,6 @@ def test_batch_size_does_not_change_the_effects(trained_tiny, fashion_small):
 
 
 def test_prefix_reuse_is_exact_on_resnet_and_vgg_in_float64(fashion_small):
-    from conftest import randomize_batchnorm
     from cswap.zoo.registry import ZOO
     from cswap.zoo.store import build
 
@@ -97,8 +97,58 @@ def test_prefix_reuse_is_exact_on_resnet_and_vgg_in_float64(fashion_small):
         units.append(dead)
         for target in space.units[dead].targets:
             model.get_submodule(target.layer).weight.data[:, list(target.indices)] = 0
-        naive = causal_effects(model, space, images, labels, units=units, prefix_reuse=False)
-        fast = causal_effects(model, space, images, labels, units=units, batch_size=4)
-        assert np.allclose(fast.relative_effects, naive.relative_effects, rtol=1e-6, atol=1e-9)
-        assert np.allclose(fast.baseline, naive.baseline, rtol=1e-12)
-        assert np.all(fast.relative_effects[-1] == 0)
+        naive = causal_effects(
+            model, space, images, labels, units=units, prefix_reuse=False, units_per_pass=1
+        )
+        for prefix, per_pass in ((True, 1), (False, 7), (True, 7), (True, None)):
+            fast = causal_effects(
+                model,
+                space,
+                images,
+                labels,
+                units=units,
+                batch_size=4,
+                already_removed=[],
+                prefix_reuse=prefix,
+                units_per_pass=per_pass,
+            )
+            assert np.allclose(fast.relative_effects, naive.relative_effects, rtol=1e-6, atol=1e-9)
+            assert np.allclose(fast.baseline, naive.baseline, rtol=1e-12)
+            # the dead unit: exactly 0 one unit per pass; batched BLAS sums in another order
+            assert np.abs(fast.relative_effects[-1]).max() <= 1e-12
+        assert hook_count(model) == 0
+
+
+def test_batched_interventions_are_exact_with_compensation_and_prior_removals():
+    from cswap.compensation import measure_means
+    from cswap.zoo.registry import ZOO
+    from cswap.zoo.store import build
+    from test_vit import spread_weights
+
+    tiny = randomize_batchnorm(TinyNet()).double().eval()
+    for model in (tiny, spread_weights(build(ZOO["vit"])).double()):
+        shape = (1, 14, 14) if isinstance(model, TinyNet) else (1, 28, 28)
+        images = torch.randn(5, *shape, dtype=torch.float64)
+        labels = torch.arange(5) % 10
+        space = discover_units(model, images[:1])
+        compensation = measure_means(model, space, images)
+        rng = np.random.default_rng(1)
+        chosen = rng.choice(len(space), 30, replace=False).tolist()
+        already, units = chosen[:6], chosen[6:]
+        settings = dict(units=units, already_removed=already, compensation=compensation)
+        naive = causal_effects(
+            model, space, images, labels, prefix_reuse=False, units_per_pass=1, **settings
+        )
+        for prefix in (False, True):
+            fast = causal_effects(
+                model,
+                space,
+                images,
+                labels,
+                batch_size=3,
+                prefix_reuse=prefix,
+                units_per_pass=5,
+                **settings,
+            )
+            assert np.allclose(fast.relative_effects, naive.relative_effects, rtol=1e-6, atol=1e-9)
+        assert hook_count(model) == 0

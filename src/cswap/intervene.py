@@ -127,6 +127,83 @@ def removed(
             handle.remove()
 
 
+def _blocked_mask_hook(dim: int, keep: torch.Tensor):
+    """Input of k stacked copies of a batch: copy j masked by ``keep[j]``."""
+
+    def hook(_module: nn.Module, inputs: tuple) -> tuple:
+        x = inputs[0]
+        k = keep.shape[0]
+        blocks = x.reshape(k, x.shape[0] // k, *x.shape[1:])
+        shape = [k] + [1] * (x.dim())
+        shape[1 + (dim % x.dim())] = -1
+        masked = blocks * keep.to(x).view(shape)
+        return (masked.reshape(x.shape), *inputs[1:])
+
+    return hook
+
+
+def _blocked_shift_hook(dim: int, deltas: torch.Tensor):
+    def hook(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        k = deltas.shape[0]
+        blocks = output.reshape(k, output.shape[0] // k, *output.shape[1:])
+        shape = [k] + [1] * output.dim()
+        shape[1 + (dim % output.dim())] = -1
+        return (blocks + deltas.to(output).view(shape)).reshape(output.shape)
+
+    return hook
+
+
+@contextmanager
+def removed_each(
+    model: nn.Module,
+    space: UnitSpace,
+    base: Iterable[int],
+    units: list[int],
+    compensation: Compensation | None = None,
+) -> Iterator[nn.Module]:
+    """Batched interventions: the model's input is ``len(units)`` stacked copies of a batch, and
+    copy j computes with ``base`` and ``units[j]`` removed (the same masks and compensation as
+    ``removed``, applied per copy). ``lstsq`` compensations intervene with their means here, as
+    scoring does.
+    """
+    if compensation is not None:
+        compensation = compensation.scoring_view()
+    modules = dict(model.named_modules())
+    k = len(units)
+    base_indices = consumer_indices(space, base)
+    unit_indices = [consumer_indices(space, [unit]) for unit in units]
+    touched = set(base_indices).union(*unit_indices)
+    per_layer: dict[str, tuple[int, torch.Tensor, torch.Tensor | None]] = {}
+    for layer in touched:
+        module = modules[layer]
+        dim, common = base_indices.get(layer, (None, []))
+        keep = torch.ones(k, module.weight.shape[1])
+        deltas = None
+        if compensation is not None:
+            deltas = torch.zeros(k, module.weight.shape[0], dtype=torch.float64)
+        for row, own in enumerate(unit_indices):
+            own_dim, extra = own.get(layer, (dim, []))
+            dim = own_dim if own_dim is not None else dim
+            indices = sorted(set(common) | set(extra))
+            if indices:
+                keep[row, indices] = 0.0
+                if compensation is not None:
+                    deltas[row] = compensation.delta(module, layer, indices)
+        per_layer[layer] = (dim, keep, deltas)
+    handles = []
+    try:
+        for layer, (dim, keep, deltas) in per_layer.items():
+            module = modules[layer]
+            handles.append(module.register_forward_pre_hook(_blocked_mask_hook(dim, keep)))
+            if deltas is not None:
+                out_dim = 1 if dim == 1 else -1
+                handles.append(module.register_forward_hook(_blocked_shift_hook(out_dim, deltas)))
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def hook_count(model: nn.Module) -> int:
     """Forward (pre-)hooks attached anywhere in ``model``: 0 after every cswap context."""
     return sum(

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from cswap.compensation import Compensation
-from cswap.intervene import removed
+from cswap.intervene import removed, removed_each
 from cswap.suffix import SuffixRunner, try_suffix_runner
 from cswap.units import UnitSpace
 
@@ -56,6 +56,62 @@ def _true_class(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return probabilities.gather(1, labels.view(-1, 1)).squeeze(1).cpu()
 
 
+class _ActivationMeter:
+    """Counts the output elements of every leaf module in a forward pass: an upper bound of the
+    activation memory a pass needs (not all of them are alive at once)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.elements = 0
+        self.handles = []
+
+    def _count(self, _module, _inputs, output) -> None:
+        if isinstance(output, torch.Tensor):
+            self.elements += output.numel()
+
+    def __enter__(self):
+        self.handles = [
+            module.register_forward_hook(self._count)
+            for module in self.model.modules()
+            if not list(module.children())
+        ]
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+        return False
+
+
+def _repeat(value, copies: int, batch: int):
+    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
+        return value.repeat(copies, *([1] * (value.dim() - 1)))
+    return value
+
+
+def _intervene(model, space, runner, units, already, rows, cut, batch, caches, compensation):
+    """(row, logits) for every unit row in ``rows``: one pass for all of them when batching
+    applies, else one pass each."""
+    k, size = len(rows), len(batch)
+    # batching through a cached suffix needs every batch-carrying value to be recognisable
+    if k > 1 and (cut is None or size > 1):
+        chunk = [units[row] for row in rows]
+        with removed_each(model, space, already, chunk, compensation):
+            if cut is None:
+                logits = model(batch.repeat(k, *([1] * (batch.dim() - 1))))
+            else:
+                cache = {node: _repeat(value, k, size) for node, value in caches[cut].items()}
+                logits = runner.run_from(cut, cache)
+        if logits.shape[0] == k * size:
+            return [(row, logits[i * size : (i + 1) * size]) for i, row in enumerate(rows)]
+    results = []
+    for row in rows:
+        with removed(model, space, [*already, units[row]], compensation):
+            logits = model(batch) if cut is None else runner.run_from(cut, caches[cut])
+        results.append((row, logits))
+    return results
+
+
 def causal_effects(
     model: nn.Module,
     space: UnitSpace,
@@ -67,6 +123,8 @@ def causal_effects(
     batch_size: int = 256,
     device: str = "cpu",
     prefix_reuse: bool = True,
+    units_per_pass: int | None = None,
+    memory_budget_mb: float = 1024.0,
     compensation: Compensation | None = None,
     progress: Progress | None = None,
 ) -> CausalEffects:
@@ -77,6 +135,9 @@ def causal_effects(
     mean), so the effects describe what compensated pruning will do.
     ``prefix_reuse`` reruns only the layers from the unit's first consumer onward (exact: the same
     operations on the same values); models that cannot be traced fall back to full passes.
+    ``units_per_pass`` interventions share one forward pass (the batch stacked once per unit,
+    each copy with its own masks; exact); ``None`` picks as many as fit ``memory_budget_mb`` by
+    an upper bound of the activations one image needs (capped at 64); 1 is one unit per pass.
     """
     already = sorted(set(already_removed))
     if units is None:
@@ -90,28 +151,48 @@ def causal_effects(
         consumers = {t.layer for unit in units for t in space.units[unit].targets}
         runner = try_suffix_runner(model, consumers)
     cuts = [_cut_layer(space, unit, runner) for unit in units]
+    by_cut: dict[str | None, list[int]] = {}
+    for row, cut in enumerate(cuts):
+        by_cut.setdefault(cut, []).append(row)
     baseline = np.empty(len(images), dtype=np.float64)
     intervened = np.empty((len(units), len(images)), dtype=np.float64)
+    per_pass = units_per_pass
     try:
         with torch.no_grad():
             for start in range(0, len(images), batch_size):
                 batch = images[start : start + batch_size].to(device)
                 target = labels[start : start + batch_size].to(device)
                 stop = start + len(batch)
-                with removed(model, space, already, compensation):
+                with removed(model, space, already, compensation), _ActivationMeter(model) as meter:
                     if runner is not None:
                         logits, caches = runner.full(batch)
                     else:
                         logits, caches = model(batch), {}
+                if per_pass is None:
+                    per_image = max(1, meter.elements // len(batch)) * batch.element_size()
+                    per_pass = int(memory_budget_mb * 2**20 // (per_image * len(batch)))
+                    per_pass = max(1, min(64, per_pass))
                 baseline[start:stop] = _true_class(logits, target).to(torch.float64).numpy()
-                for row, (unit_id, cut) in enumerate(zip(units, cuts, strict=True)):
-                    with removed(model, space, [*already, unit_id], compensation):
-                        logits = model(batch) if cut is None else runner.run_from(cut, caches[cut])
-                    intervened[row, start:stop] = (
-                        _true_class(logits, target).to(torch.float64).numpy()
-                    )
-                    if progress is not None:
-                        progress(len(batch) / len(images))
+                for cut, rows in by_cut.items():
+                    for first in range(0, len(rows), per_pass):
+                        chunk = rows[first : first + per_pass]
+                        for row, probability in _intervene(
+                            model,
+                            space,
+                            runner,
+                            units,
+                            already,
+                            chunk,
+                            cut,
+                            batch,
+                            caches,
+                            compensation,
+                        ):
+                            intervened[row, start:stop] = (
+                                _true_class(probability, target).to(torch.float64).numpy()
+                            )
+                            if progress is not None:
+                                progress(len(batch) / len(images))
     finally:
         model.train(was_training)
     # A true-class probability that underflows to 0 would make r infinite.
