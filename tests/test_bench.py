@@ -81,3 +81,21 @@ def test_the_table_and_bad_configs():
         BenchConfig(("m",), ("magic",), ("oneshot",), ("none",), (0.3,))
     with pytest.raises(CswapError, match="targets"):
         BenchConfig(("m",), ("l1",), ("oneshot",), ("none",), (1.5,))
+
+
+def test_speed_bench_reports_every_lever_against_naive():
+    from cswap.bench import speed_bench
+
+    result = speed_bench(
+        "zoo:vit", levers=("prefix", "batching"), calib_per_class=1, echo=lambda _: None
+    )
+    for key in ("naive_seconds", "fast_seconds", "speedup", "category_agreement", "xi_spearman"):
+        assert key in result
+    assert set(result["levers"]) == {"naive", "prefix", "batching"}
+    # the exact levers reproduce the naive verdicts and xi
+    for lever in ("prefix", "batching"):
+        assert result["levers"][lever]["category_agreement"] == 1.0
+        assert result["levers"][lever]["xi_spearman"] > 0.999999
+    assert result["peak_memory_mb"] > 0
+    with pytest.raises(CswapError, match="Unknown levers"):
+        speed_bench("zoo:vit", levers=("warp",))

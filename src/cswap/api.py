@@ -35,6 +35,7 @@ from cswap.errors import CswapError
 from cswap.evaluate import Evaluation, evaluate, masked_validation
 from cswap.export import export_onnx, save_model
 from cswap.export import load as load_saved
+from cswap.fastscore import FastConfig, fast_categorize
 from cswap.measure import predict
 from cswap.report import units_arrays, write_report
 from cswap.schedule import (
@@ -95,6 +96,22 @@ class Options:
     validation_fraction: float = 0.5  # of the calibration data, when no validation is given
     latency_threads: int = 1
     milestones: tuple[float, ...] = ()  # params fractions the progressive loop must stop at
+    # scoring speed (METHOD.md "Cost"): exact levers on, approximate ones off by default
+    prefix_reuse: bool = True
+    units_per_pass: int | None = None  # None: as many as memory_budget_mb allows
+    memory_budget_mb: float = 1024.0
+    sequential_looks: tuple[float, ...] = ()  # e.g. (0.25, 0.5, 0.75); () = fixed-n tests
+    early_alpha_share: float = 0.25
+    screen: bool = False
+    screen_factor: float = 4.0
+
+    def fast_config(self) -> FastConfig:
+        return FastConfig(
+            looks=self.sequential_looks,
+            early_alpha_share=self.early_alpha_share,
+            screen=self.screen,
+            screen_factor=self.screen_factor,
+        )
 
     def schedule_config(
         self, target_params: float | None, target_macs: float | None, tolerance: float
@@ -389,20 +406,44 @@ class _CausalRanker:
 
     def categorization(self, removed: tuple[int, ...]) -> Categorization:
         prepared = self.prepared
+        options = self.options
         remaining = len(prepared.space) - len(removed)
+        compensation = self.compensation and self.compensation.scoring_view()
+        scoring = {
+            "batch_size": options.batch_size,
+            "device": prepared.device,
+            "prefix_reuse": options.prefix_reuse,
+            "units_per_pass": options.units_per_pass,
+            "memory_budget_mb": options.memory_budget_mb,
+        }
+        fast = options.fast_config()
         with _progress_bar(remaining, "scoring units", self.progress) as bar:
-            effects = causal_effects(
-                prepared.model,
-                prepared.space,
-                prepared.calibration_images,
-                prepared.calibration_labels,
-                already_removed=removed,
-                batch_size=self.options.batch_size,
-                device=prepared.device,
-                compensation=self.compensation and self.compensation.scoring_view(),
-                progress=bar.update,
-            )
-        result = categorize(effects, self.options.category_config())
+            if fast.looks or fast.screen:
+                result = fast_categorize(
+                    prepared.model,
+                    prepared.space,
+                    prepared.calibration_images,
+                    prepared.calibration_labels,
+                    options.category_config(),
+                    fast,
+                    already_removed=removed,
+                    compensation=compensation,
+                    seed=options.seed,
+                    progress=bar.update,
+                    **scoring,
+                ).categorization
+            else:
+                effects = causal_effects(
+                    prepared.model,
+                    prepared.space,
+                    prepared.calibration_images,
+                    prepared.calibration_labels,
+                    already_removed=removed,
+                    compensation=compensation,
+                    progress=bar.update,
+                    **scoring,
+                )
+                result = categorize(effects, options.category_config())
         self.rounds.append((len(removed), result))
         log.info("scored %d units after %d removed: %s", remaining, len(removed), result.counts())
         return result
@@ -525,11 +566,15 @@ def _options(overrides: dict[str, Any]) -> Options:
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise CswapError(f"Unknown option(s) {unknown}.", f"known options: {sorted(known)}.")
-    for name in ("ignored_layers", "milestones"):
+    for name in ("ignored_layers", "milestones", "sequential_looks"):
         if name in overrides:
             overrides = overrides | {name: tuple(overrides[name])}
     options = Options(**overrides)
     options.category_config()  # validates the test settings
+    try:
+        options.fast_config()
+    except ValueError as error:
+        raise CswapError(str(error), "see cswap prune --help for the ranges.") from error
     for name in ("batch_size", "latency_threads", "min_class_size"):
         if getattr(options, name) < 1:
             raise CswapError(f"{name} must be >= 1, got {getattr(options, name)}.", "use e.g. 1.")

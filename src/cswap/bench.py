@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from cswap import api
@@ -515,3 +516,150 @@ def table(rows: list[dict], targets: Sequence[float] = (0.3, 0.5, 0.7)) -> str:
                 cells.append(f"{float(row['test_accuracy']):.4f}{mark}")
         lines.append("| " + " | ".join(key) + " | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- scoring speed
+
+SPEED_LEVERS = {
+    # name: (prefix reuse, units per pass, sequential looks, screening)
+    "naive": (False, 1, (), False),
+    "prefix": (True, 1, (), False),
+    "batching": (False, None, (), False),
+    "sequential": (False, 1, (0.25, 0.5, 0.75), False),
+    "screening": (False, 1, (), True),
+    "all": (True, None, (0.25, 0.5, 0.75), True),
+}
+
+
+class _PeakMemory:
+    """Peak resident memory (MB) of this process while the block runs, sampled every 5 ms."""
+
+    def __enter__(self):
+        import threading
+
+        self.peak = self.start = _rss_mb()
+        self._stop = threading.Event()
+
+        def sample() -> None:
+            while not self._stop.wait(0.005):
+                self.peak = max(self.peak, _rss_mb())
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_mb())
+        return False
+
+
+def _rss_mb() -> float:
+    import os
+
+    with open("/proc/self/statm") as handle:
+        pages = int(handle.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def speed_bench(
+    spec: str,
+    *,
+    levers: Sequence[str] = tuple(SPEED_LEVERS),
+    calib_per_class: int = 10,
+    batch_size: int = 256,
+    memory_budget_mb: float = 1024.0,
+    seed: int = 0,
+    device: str = "cpu",
+    echo: Callable[[str], None] = print,
+) -> dict:
+    """Time the first scoring of ``spec`` under each lever; compare categories and xi with the
+    naive exact run (one unit per full forward pass, fixed n, no screening)."""
+    from scipy.stats import spearmanr
+
+    from cswap.fastscore import FastConfig, fast_categorize
+
+    unknown = [lever for lever in levers if lever not in SPEED_LEVERS]
+    if unknown:
+        raise CswapError(f"Unknown levers {unknown}.", f"use some of {', '.join(SPEED_LEVERS)}.")
+    levers = ["naive", *[lever for lever in levers if lever != "naive"]]
+    loaded = api.load_spec(spec)
+    selection = api.select_data(
+        loaded,
+        "fashion-mnist",
+        per_class=calib_per_class,
+        validation_size=100,
+        seed=seed,
+        batch_size=batch_size,
+        device=device,
+    )
+    options = api._options({"batch_size": batch_size, "seed": seed})
+    prepared = api._prepare(
+        loaded.model,
+        selection.calibration,
+        selection.validation,
+        example_input=None,
+        label_free=False,
+        device=device,
+        options=options,
+    )
+    space = prepared.space
+    config = options.category_config()
+    results: dict[str, dict] = {}
+    reference = None
+    for lever in levers:
+        prefix, per_pass, looks, screen = SPEED_LEVERS[lever]
+        started = time.perf_counter()
+        with _PeakMemory() as memory:
+            result = fast_categorize(
+                prepared.model,
+                space,
+                prepared.calibration_images,
+                prepared.calibration_labels,
+                config,
+                FastConfig(looks=looks, screen=screen),
+                seed=seed,
+                batch_size=batch_size,
+                device=device,
+                prefix_reuse=prefix,
+                units_per_pass=per_pass,
+                memory_budget_mb=memory_budget_mb,
+            )
+        seconds = time.perf_counter() - started
+        categorization = result.categorization
+        if reference is None:
+            reference = categorization
+        entry = {
+            "seconds": round(seconds, 3),
+            "units_per_second": round(len(space) / seconds, 3),
+            "peak_memory_mb": round(memory.peak, 1),
+            "memory_growth_mb": round(memory.peak - memory.start, 1),
+            "exact_pass_fraction": round(result.exact_passes / result.full_passes, 4),
+            "settled_early": result.settled_early,
+            "screened": result.screened,
+            "category_agreement": float(np.mean(categorization.categories == reference.categories)),
+            "xi_spearman": float(spearmanr(categorization.xi, reference.xi).statistic),
+            "categories": categorization.counts(),
+        }
+        results[lever] = entry
+        echo(
+            f"{spec} {lever:10s} {seconds:8.1f} s  {entry['units_per_second']:8.2f} units/s  "
+            f"agreement {entry['category_agreement']:.4f}  spearman {entry['xi_spearman']:.4f}  "
+            f"peak {entry['peak_memory_mb']:.0f} MB"
+        )
+    naive = results["naive"]
+    fast = results.get("all", results[levers[-1]])
+    return {
+        "model": spec,
+        "units": len(space),
+        "calibration_images": len(prepared.calibration_images),
+        "torch_threads": torch.get_num_threads(),
+        "naive_seconds": naive["seconds"],
+        "fast_seconds": fast["seconds"],
+        "speedup": round(naive["seconds"] / fast["seconds"], 3),
+        "category_agreement": fast["category_agreement"],
+        "xi_spearman": fast["xi_spearman"],
+        "peak_memory_mb": max(entry["peak_memory_mb"] for entry in results.values()),
+        "levers": results,
+    }

@@ -146,8 +146,16 @@ def groups_to_test(labels: np.ndarray, min_class_size: int) -> list[tuple[int, n
     return groups
 
 
-def categorize(effects: CausalEffects, config: CategoryConfig | None = None) -> Categorization:
+def categorize(
+    effects: CausalEffects,
+    config: CategoryConfig | None = None,
+    *,
+    critical_alpha: float | None = None,
+) -> Categorization:
+    """Categories of every unit in ``effects``; ``critical_alpha`` (default ``config.alpha``) is
+    the level of the critical tests alone (sequential testing spends part of alpha earlier)."""
     config = config or CategoryConfig()
+    critical_level = config.alpha if critical_alpha is None else critical_alpha
     r = effects.relative_effects
     groups = groups_to_test(effects.labels, config.min_class_size)
     n_units = len(effects.unit_ids)
@@ -162,7 +170,7 @@ def categorize(effects: CausalEffects, config: CategoryConfig | None = None) -> 
         detrimental_p = correct(detrimental_p.reshape(1, -1), config.correction).reshape(-1)
     else:
         class_p = correct(raw_p, config.correction)
-    critical = (class_p < config.alpha).any(axis=1)
+    critical = (class_p < critical_level).any(axis=1)
     detrimental = ~critical & (detrimental_p < config.alpha)
     categories = np.where(critical, CRITICAL, np.where(detrimental, DETRIMENTAL, NEUTRAL))
     return Categorization(

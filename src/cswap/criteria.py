@@ -124,7 +124,7 @@ def fpgm_scores(model: nn.Module, space: UnitSpace) -> np.ndarray:
 
 
 @contextmanager
-def _consumer_inputs(model: nn.Module, space: UnitSpace, store: dict[str, list]) -> Iterator[None]:
+def consumer_inputs(model: nn.Module, space: UnitSpace, store: dict[str, list]) -> Iterator[None]:
     """Per consumer layer: its own copy of the input (so that a tensor read by several layers
     gets each layer's share of the gradient) and, after backward, the gradient at that copy, both
     summed over every axis but the batch and the unit axis."""
@@ -153,14 +153,14 @@ def _consumer_inputs(model: nn.Module, space: UnitSpace, store: dict[str, list])
             handle.remove()
 
 
-def _per_sample(entry: dict, value: torch.Tensor) -> torch.Tensor:
+def per_sample(entry: dict, value: torch.Tensor) -> torch.Tensor:
     """(batch, size of the unit axis): summed over every other axis (positions, tokens)."""
     dim = entry["dim"] % value.dim()
     moved = value.movedim(dim, -1)
     return moved.reshape(moved.shape[0], -1, moved.shape[-1]).sum(1).double().cpu()
 
 
-def _unit_values(space: UnitSpace, per_layer: dict[str, torch.Tensor]) -> np.ndarray:
+def unit_values(space: UnitSpace, per_layer: dict[str, torch.Tensor]) -> np.ndarray:
     """(samples, units): the sum over each unit's consumer inputs."""
     samples = next(iter(per_layer.values())).shape[0]
     values = torch.zeros(samples, len(space), dtype=torch.float64)
@@ -195,7 +195,7 @@ def _gradient_pass(
             batch = images[start : start + batch_size].to(device).requires_grad_(True)
             target = labels[start : start + batch_size].to(device)
             store: dict[str, list] = {}
-            with torch.enable_grad(), _consumer_inputs(model, space, store):
+            with torch.enable_grad(), consumer_inputs(model, space, store):
                 if composite is not None:
                     with composite.context(model) as modified:
                         logits = modified(batch)
@@ -215,12 +215,12 @@ def _gradient_pass(
                     if grad is None:
                         continue
                     value = grad if relevance else entry["x"] * grad
-                    part = _per_sample(entry, value)
+                    part = per_sample(entry, value)
                     total = part if total is None else total + part
                 if total is None:
                     total = torch.zeros(len(batch), entries[0]["x"].shape[entries[0]["dim"]])
                 per_layer[layer] = total
-            rows.append(_unit_values(space, per_layer))
+            rows.append(unit_values(space, per_layer))
     finally:
         model.zero_grad(set_to_none=True)
         model.train(was_training)

@@ -77,3 +77,42 @@ def register(app: typer.Typer) -> None:
         rows = run_bench(config, out, progress=not quiet, echo=typer.echo)
         typer.echo(table(rows))
         typer.echo(f"results: {out / 'results.csv'}")
+
+    @app.command("bench-speed")
+    @fail_cleanly
+    def bench_speed_command(
+        model: Annotated[str, typer.Option(help="Model spec.")] = "zoo:resnet20",
+        levers: Annotated[
+            str, typer.Option(help="naive, prefix, batching, sequential, screening, all.")
+        ] = "naive,prefix,batching,sequential,screening,all",
+        calib_per_class: Annotated[int, typer.Option(help="Calibration images per class.")] = 10,
+        memory_budget_mb: Annotated[
+            float, typer.Option(help="Memory budget of batched interventions.")
+        ] = 1024.0,
+        out: Annotated[Path | None, typer.Option(help="Also write the JSON here.")] = None,
+        seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+        device: DeviceOption = None,
+        batch_size: BatchSizeOption = 256,
+        as_json: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
+    ) -> None:
+        """Scoring speed: naive exact scoring vs each lever alone and all combined."""
+        import json
+
+        from cswap.bench import parse_list, speed_bench
+        from cswap.devices import resolve_device
+
+        result = speed_bench(
+            model,
+            levers=parse_list(levers),
+            calib_per_class=calib_per_class,
+            batch_size=batch_size,
+            memory_budget_mb=memory_budget_mb,
+            seed=seed,
+            device=resolve_device(device),
+            echo=(lambda _line: None) if as_json else typer.echo,
+        )
+        text = json.dumps(result, indent=1)
+        if out is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(text + "\n")
+        typer.echo(text)

@@ -228,6 +228,19 @@ def register(app: typer.Typer) -> None:
             int, typer.Option(help="Rejected steps in a row before stopping (tolerance_unmet).")
         ] = 8,
         seed: Annotated[int, typer.Option(help="Seed of every random choice.")] = 0,
+        sequential: Annotated[
+            bool,
+            typer.Option(help="Sequential tests: settle critical units at 25/50/75% of samples."),
+        ] = False,
+        screen: Annotated[
+            bool, typer.Option(help="First-order screening of clearly critical units.")
+        ] = False,
+        units_per_pass: Annotated[
+            int | None, typer.Option(help="Interventions per forward pass (default: by budget).")
+        ] = None,
+        memory_budget_mb: Annotated[
+            float, typer.Option(help="Memory budget of batched interventions.")
+        ] = 1024.0,
         device: DeviceOption = None,
         batch_size: BatchSizeOption = 256,
         quiet: Annotated[bool, typer.Option(help="No progress bars or info logs.")] = False,
@@ -272,6 +285,10 @@ def register(app: typer.Typer) -> None:
                 "rescore_every": rescore_every,
                 "patience": patience,
                 "seed": seed,
+                "sequential_looks": (0.25, 0.5, 0.75) if sequential else (),
+                "screen": screen,
+                "units_per_pass": units_per_pass,
+                "memory_budget_mb": memory_budget_mb,
             },
         )
         if as_json:
