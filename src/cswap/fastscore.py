@@ -9,9 +9,13 @@ more passes. Validity comes from spending alpha across looks (a Bonferroni split
 valid group-sequential design): the early looks share ``early_alpha_share`` of alpha equally, the
 final look tests critical at the rest, so for every unit P(falsely called critical at any look) <=
 sum of the per-look levels = alpha (union bound; each look's test is the fixed-n test at its own
-level). Detrimental is only decided at the final look, at the full alpha, on the units still
-running: a unit that turns out critical later must not be called detrimental early. A settled
-unit's xi is the mean over the samples it saw. ``looks=()`` is the exact fixed-n procedure.
+level). A unit is also settled early as *neutral* when it is confidently inside the margin: every
+class's lower confidence bound of mean r above -delta (Bonferroni across classes) and the overall
+upper bound below +delta, at the look's level, so P(a truly critical or detrimental unit is
+settled as neutral) <= alpha as well. Detrimental is only decided at the final look, at the full
+alpha. An early look is taken only when every class tested on the full set has at least
+``min_class_size`` samples in the prefix. A settled unit's xi is the mean over the samples it saw.
+``looks=()`` is the exact fixed-n procedure.
 
 First-order screening (``screen``). One backward pass per sample batch estimates every unit's r
 at once: removing unit u zeroes (or, compensated, sets to the mean) its consumer inputs, so
@@ -208,9 +212,11 @@ def fast_categorize(
         baseline = np.concatenate([baseline, part.baseline])
         seen = upto
         so_far = CausalEffects(np.asarray(active), effects[active], label_array[:seen], baseline)
-        if seen < n:
+        if seen < n and _classes_testable(label_array, seen, config.min_class_size):
             verdict = categorize(so_far, replace(config, alpha=early_alpha))
-            stop = verdict.categories == CRITICAL
+            critical = verdict.categories == CRITICAL
+            neutral = _surely_neutral(so_far, config, early_alpha)
+            stop = critical | (neutral & ~critical)
             for row in np.flatnonzero(stop):
                 decided[active[row]] = _entry(verdict, row)
             settled_early += int(stop.sum())
@@ -227,6 +233,39 @@ def fast_categorize(
         screened=screened,
         settled_early=settled_early,
     )
+
+
+def _classes_testable(labels: np.ndarray, seen: int, min_class_size: int) -> bool:
+    """An early look is taken only when every class tested on the full set can be tested on the
+    prefix too (otherwise a class-specific effect could hide in the pool)."""
+    full = np.bincount(labels, minlength=labels.max() + 1)
+    prefix = np.bincount(labels[:seen], minlength=labels.max() + 1)
+    tested = full >= min_class_size
+    return bool(np.all(prefix[tested] >= min_class_size))
+
+
+def _surely_neutral(effects: CausalEffects, config: CategoryConfig, alpha: float) -> np.ndarray:
+    """Units confidently inside the margin: for every tested class the lower confidence bound of
+    mean r is above -delta (Bonferroni across the classes), and the upper bound of the overall
+    mean is below +delta; each at level ``alpha``. Under "critical" (or "detrimental") the
+    chance of this is at most alpha."""
+    from scipy import stats
+
+    from cswap.categorize import groups_to_test
+
+    r = effects.relative_effects
+    groups = groups_to_test(effects.labels, config.min_class_size)
+    inside = np.ones(len(r), dtype=bool)
+    level = alpha / max(1, len(groups))
+    for _, members in groups:
+        values = r[:, members]
+        m = values.shape[1]
+        spread = values.std(axis=1, ddof=1) / np.sqrt(m)
+        lower = values.mean(axis=1) - stats.t.ppf(1 - level, m - 1) * spread
+        inside &= lower > -config.margin
+    m = r.shape[1]
+    upper = r.mean(axis=1) + stats.t.ppf(1 - alpha, m - 1) * r.std(axis=1, ddof=1) / np.sqrt(m)
+    return inside & (upper < config.margin)
 
 
 def _entry(categorization: Categorization, row: int) -> tuple:

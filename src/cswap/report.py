@@ -155,6 +155,8 @@ def render_html(report: dict, directory: Path) -> str:
     summary_rows = [
         ("model", e(str(report["model"]))),
         ("method", e(str(report["method"]))),
+        ("mode", e(str(report.get("mode")))),
+        ("compensation", e(str((report.get("compensation") or {}).get("mode")))),
         ("target", e(json.dumps(report.get("target")))),
         ("stop reason", e(str(report.get("stop_reason")))),
     ]
@@ -196,7 +198,29 @@ def render_html(report: dict, directory: Path) -> str:
         f"<tr><td>{e(row['root'])}</td><td>{row['kept']}</td><td>{row['removed']}</td></tr>"
         for row in layer_table(report)
     )
-    counts = report.get("categories", {})
+    counts = report.get("categories") or {}
+    if report.get("categories") is None:
+        ranking_section = (
+            f"<h2>Ranking</h2><p>Units ranked by the <code>{e(str(report['method']))}</code> "
+            "criterion (lowest score removed first; every unit's score is in "
+            "<code>report.json</code>). No causal categories: that is C-SWAP's.</p>"
+        )
+    else:
+        ranking_section = f"""<h2>Categories (first scoring, unpruned model)</h2>
+<p>critical {counts.get(CRITICAL, 0)}, neutral {counts.get(NEUTRAL, 0)},
+detrimental {counts.get(DETRIMENTAL, 0)}. Removal is tried for detrimental units first (largest
+xi first), then neutral ones; critical units are kept unless allowed.</p>
+{_image(directory, "xi.png")}"""
+    folds = (report.get("compensation") or {}).get("folded_into") or {}
+    fold_rows = "".join(
+        f"<tr><td>{e(layer)}</td><td>{e(sink)}</td></tr>" for layer, sink in folds.items()
+    )
+    compensation_section = (
+        "<h2>Compensation</h2><p>Where each reading layer's folded constant went.</p>"
+        f"<table><tr><th>layer</th><th>folded into</th></tr>{fold_rows}</table>"
+        if fold_rows
+        else ""
+    )
     settings = e(json.dumps(report.get("settings", {}), indent=1))
     warnings = "".join(f"<li>{e(w)}</li>" for w in report.get("warnings", []))
     return f"""<!doctype html>
@@ -213,11 +237,7 @@ img {{ max-width: 100%; }}
 <table>{"".join(f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in summary_rows)}</table>
 <h2>Before and after</h2>
 <table><tr><th></th><th>before</th><th>after</th></tr>{metric_rows}</table>
-<h2>Categories (first scoring, unpruned model)</h2>
-<p>critical {counts.get(CRITICAL, 0)}, neutral {counts.get(NEUTRAL, 0)},
-detrimental {counts.get(DETRIMENTAL, 0)}. Removal is tried for detrimental units first (largest
-xi first), then neutral ones; critical units are kept unless allowed.</p>
-{_image(directory, "xi.png")}
+{ranking_section}
 <h2>Steps</h2>
 {_image(directory, "steps.png")}
 <table><tr><th>step</th><th>units</th><th>verdict</th><th>params</th><th>MACs</th>
@@ -225,6 +245,7 @@ xi first), then neutral ones; critical units are kept unless allowed.</p>
 <h2>Per layer</h2>
 {_image(directory, "layers.png")}
 <table><tr><th>group (root layer)</th><th>kept</th><th>removed</th></tr>{layer_rows}</table>
+{compensation_section}
 <h2>Warnings</h2><ul>{warnings or "<li>none</li>"}</ul>
 <h2>Settings</h2><pre>{settings}</pre>
 <p>Every unit, its causal effect, category and fate: <code>report.json</code>; per-class effects
