@@ -7,9 +7,9 @@ once to the largest target with every smaller target as a milestone (a chunk nev
 one), and the model at each crossing is one row. A progressive run that stops before a target
 (``tolerance_unmet``) gives that target a row with ``reached = False`` and its final model.
 
-Test accuracy is measured on the masked (and compensated) model, which equals the physically
-pruned one (``cswap.surgery`` checks it on every cut in the tests and in ``cswap prune``);
-params and MACs come from the exact accounting; latency from the physically pruned model.
+Test accuracy and latency are measured on the physically pruned (and folded) model, which
+computes what the masked one does (``cswap.surgery`` checks it in the tests and in every
+``cswap prune``); params and MACs come from the exact accounting (equal to the pruned model's).
 
 Rows are appended to ``OUT/results.csv`` as they finish; a rerun skips finished rows. First
 scorings are cached in ``OUT/cache`` so the progressive phase does not score again.
@@ -195,15 +195,20 @@ class _ModelBench:
         return validate
 
     def row(self, method, mode, compensate, target, units, compensation, **extra) -> dict:
+        """Test accuracy and latency of the physically pruned (and folded) model: it computes
+        what the masked model does (tested equal), at the pruned model's cost."""
         space = self.prepared.space
         units = list(units)
         params, macs = space.params_after(units), space.macs_after(units)
-        accuracy = self.test_accuracy(units, compensation)
         pruned, _ = prune_and_fold(
             self.prepared.model.cpu(), space, units, self.prepared.example_input, compensation
         )
-        latency = measure_latency(pruned, self.prepared.example_input, threads=1)
         self.prepared.model.to(self.prepared.device)
+        latency = measure_latency(pruned, self.prepared.example_input, threads=1)
+        predictions, labels = predict(
+            pruned.to(self.prepared.device), self.test_batches, self.prepared.device
+        )
+        accuracy = float((predictions == labels).float().mean())
         return {
             "model": self.spec,
             "method": method,
