@@ -81,3 +81,25 @@ def test_prune_cli_writes_a_loadable_model_and_a_readable_report(tmp_path):
     assert torch.allclose(loaded(images), torch.from_numpy(logits), rtol=1e-4, atol=1e-5)
     params = sum(p.numel() for p in loaded.parameters())
     assert params == report["params_after"]
+
+
+def test_prune_cli_runs_a_baseline_oneshot_and_refuses_unknown_choices(tmp_path):
+    out = tmp_path / "l1"
+    arguments = ["prune", "--model", "zoo:vit", "--target-params", "0.1", "--quiet"]
+    arguments += ["--calib-per-class", "2", "--validation-size", "100", "--out", str(out)]
+    result = CliRunner().invoke(
+        app, [*arguments, "--method", "l1", "--mode", "oneshot", "--compensate", "lstsq"]
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert (report["method"], report["mode"], report["compensation"]["mode"]) == (
+        "l1",
+        "oneshot",
+        "lstsq",
+    )
+    assert report["params_reduction"] >= 0.1 and report["categories"] is None
+    loaded = cswap.load(out)
+    assert sum(p.numel() for p in loaded.parameters()) == report["params_after"]
+    bad = CliRunner().invoke(app, [*arguments, "--method", "magic", "--out", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "Unknown method 'magic'" in bad.output
+    assert not (tmp_path / "x").exists()
