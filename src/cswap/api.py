@@ -102,6 +102,7 @@ class Options:
     memory_budget_mb: float = 1024.0
     sequential_looks: tuple[float, ...] = ()  # e.g. (0.25, 0.5, 0.75); () = fixed-n tests
     early_alpha_share: float = 0.25
+    futility: float = 0.05
     screen: bool = False
     screen_factor: float = 4.0
 
@@ -109,6 +110,7 @@ class Options:
         return FastConfig(
             looks=self.sequential_looks,
             early_alpha_share=self.early_alpha_share,
+            futility=self.futility,
             screen=self.screen,
             screen_factor=self.screen_factor,
         )

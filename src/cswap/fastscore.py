@@ -12,7 +12,10 @@ sum of the per-look levels = alpha (union bound; each look's test is the fixed-n
 level). A unit is also settled early as *neutral* when it is confidently inside the margin: every
 class's lower confidence bound of mean r above -delta (Bonferroni across classes) and the overall
 upper bound below +delta, at the look's level, so P(a truly critical or detrimental unit is
-settled as neutral) <= alpha as well. Detrimental is only decided at the final look, at the full
+settled as neutral) <= alpha as well; or, with ``futility`` > 0 (default 0.05), when stochastic
+curtailment finds it hopeless: even if its remaining samples had the pessimistic 95% confidence
+bound as their mean, no final test would reject (no error guarantee for this one; its agreement
+with the fixed-n verdicts is measured). Detrimental is only decided at the final look, at the full
 alpha. An early look is taken only when every class tested on the full set has at least
 ``min_class_size`` samples in the prefix. A settled unit's xi is the mean over the samples it saw.
 ``looks=()`` is the exact fixed-n procedure.
@@ -46,12 +49,15 @@ from cswap.units import UnitSpace
 class FastConfig:
     looks: tuple[float, ...] = ()  # early looks, fractions of the samples; () = fixed n
     early_alpha_share: float = 0.25
+    futility: float = 0.05  # curtailment of neutral units at early looks; 0 turns it off
     screen: bool = False
     screen_factor: float = 4.0
 
     def __post_init__(self) -> None:
         if any(not 0.0 < look < 1.0 for look in self.looks):
             raise ValueError(f"looks {self.looks} must be fractions in (0, 1).")
+        if not 0.0 <= self.futility < 0.5:
+            raise ValueError("futility must be in [0, 0.5).")
         if not 0.0 < self.early_alpha_share < 1.0:
             raise ValueError("early_alpha_share must be in (0, 1).")
         if self.screen_factor < 1.0:
@@ -216,6 +222,8 @@ def fast_categorize(
             verdict = categorize(so_far, replace(config, alpha=early_alpha))
             critical = verdict.categories == CRITICAL
             neutral = _surely_neutral(so_far, config, early_alpha)
+            if fast.futility > 0:
+                neutral |= _hopeless(so_far, config, n / seen, final_alpha, fast.futility)
             stop = critical | (neutral & ~critical)
             for row in np.flatnonzero(stop):
                 decided[active[row]] = _entry(verdict, row)
@@ -266,6 +274,42 @@ def _surely_neutral(effects: CausalEffects, config: CategoryConfig, alpha: float
     m = r.shape[1]
     upper = r.mean(axis=1) + stats.t.ppf(1 - alpha, m - 1) * r.std(axis=1, ddof=1) / np.sqrt(m)
     return inside & (upper < config.margin)
+
+
+def _hopeless(
+    effects: CausalEffects, config: CategoryConfig, growth: float, alpha: float, gamma: float
+) -> np.ndarray:
+    """Stochastic curtailment: units that cannot plausibly end up critical or detrimental.
+
+    For every tested class, the remaining samples are assumed to have the pessimistic mean (the
+    one-sided 1 - ``gamma`` confidence bound towards the verdict); if even then the final test
+    (uncorrected, at ``alpha``: harder to pass than the corrected one) would not reject, the class
+    cannot make the unit critical. Likewise for detrimental over all samples. A unit for which
+    no test can reject is settled as neutral. No error-rate guarantee: agreement with the fixed-n
+    verdicts is what ``cswap bench-speed`` measures.
+    """
+    from scipy import stats
+
+    from cswap.categorize import groups_to_test
+
+    r = effects.relative_effects
+
+    def projected_t(values: np.ndarray, sign: float, bound: float) -> np.ndarray:
+        m = values.shape[1]
+        final = m * growth
+        mean = values.mean(axis=1)
+        spread = np.maximum(values.std(axis=1, ddof=1), 1e-12)
+        pessimistic = mean + sign * stats.t.ppf(1 - gamma, m - 1) * spread / np.sqrt(m)
+        final_mean = (m * mean + (final - m) * pessimistic) / final
+        return (final_mean - bound) / (spread / np.sqrt(final)), final
+
+    safe = np.ones(len(r), dtype=bool)
+    for _, members in groups_to_test(effects.labels, config.min_class_size):
+        t, final = projected_t(r[:, members], -1.0, -config.margin)
+        safe &= t > -stats.t.ppf(1 - alpha, max(1.0, final - 1))
+    t, final = projected_t(r, 1.0, config.margin)
+    safe &= t < stats.t.ppf(1 - alpha, max(1.0, final - 1))
+    return safe
 
 
 def _entry(categorization: Categorization, row: int) -> tuple:
