@@ -12,10 +12,10 @@ sum of the per-look levels = alpha (union bound; each look's test is the fixed-n
 level). A unit is also settled early as *neutral* when it is confidently inside the margin: every
 class's lower confidence bound of mean r above -delta (Bonferroni across classes) and the overall
 upper bound below +delta, at the look's level, so P(a truly critical or detrimental unit is
-settled as neutral) <= alpha as well; or, with ``futility`` > 0 (default 0.05), when stochastic
-curtailment finds it hopeless: even if its remaining samples had the pessimistic 95% confidence
-bound as their mean, no final test would reject (no error guarantee for this one; its agreement
-with the fixed-n verdicts is measured). Detrimental is only decided at the final look, at the full
+settled as neutral) <= alpha as well; or, with ``futility`` > 0 (default 0.05), by stochastic
+curtailment: the conditional power of every final test under the current trend is below
+``futility`` (no error guarantee for this one; its agreement with the fixed-n verdicts is
+measured). Detrimental is only decided at the final look, at the full
 alpha. An early look is taken only when every class tested on the full set has at least
 ``min_class_size`` samples in the prefix. A settled unit's xi is the mean over the samples it saw.
 ``looks=()`` is the exact fixed-n procedure.
@@ -279,14 +279,15 @@ def _surely_neutral(effects: CausalEffects, config: CategoryConfig, alpha: float
 def _hopeless(
     effects: CausalEffects, config: CategoryConfig, growth: float, alpha: float, gamma: float
 ) -> np.ndarray:
-    """Stochastic curtailment: units that cannot plausibly end up critical or detrimental.
+    """Stochastic curtailment: units whose final tests would almost surely not reject.
 
-    For every tested class, the remaining samples are assumed to have the pessimistic mean (the
-    one-sided 1 - ``gamma`` confidence bound towards the verdict); if even then the final test
-    (uncorrected, at ``alpha``: harder to pass than the corrected one) would not reject, the class
-    cannot make the unit critical. Likewise for detrimental over all samples. A unit for which
-    no test can reject is settled as neutral. No error-rate guarantee: agreement with the fixed-n
-    verdicts is what ``cswap bench-speed`` measures.
+    Conditional power under the current trend: with theta = (mean - bound) / s estimated on the m
+    samples seen, the final statistic over n = m * ``growth`` samples is approximately
+    N(theta sqrt(n), (n - m) / n). A class whose probability of ending significantly below
+    -delta (uncorrected, at ``alpha``: easier to reach than the corrected test) is below
+    ``gamma`` cannot plausibly make the unit critical; likewise for detrimental over all samples.
+    A unit for which no test can plausibly reject is settled as neutral. No error-rate
+    guarantee: agreement with the fixed-n verdicts is what ``cswap bench-speed`` measures.
     """
     from scipy import stats
 
@@ -294,22 +295,23 @@ def _hopeless(
 
     r = effects.relative_effects
 
-    def projected_t(values: np.ndarray, sign: float, bound: float) -> np.ndarray:
+    def power(values: np.ndarray, bound: float, lower: bool) -> np.ndarray:
         m = values.shape[1]
         final = m * growth
-        mean = values.mean(axis=1)
-        spread = np.maximum(values.std(axis=1, ddof=1), 1e-12)
-        pessimistic = mean + sign * stats.t.ppf(1 - gamma, m - 1) * spread / np.sqrt(m)
-        final_mean = (m * mean + (final - m) * pessimistic) / final
-        return (final_mean - bound) / (spread / np.sqrt(final)), final
+        spread = np.maximum(values.std(axis=1, ddof=1), 1e-300)
+        theta = (values.mean(axis=1) - bound) / spread
+        critical = stats.t.ppf(1 - alpha, max(1.0, final - 1))
+        scale = np.sqrt(max(final - m, 1e-12) / final)
+        centre = theta * np.sqrt(final)
+        if lower:
+            return stats.norm.cdf((-critical - centre) / scale)
+        return stats.norm.sf((critical - centre) / scale)
 
-    safe = np.ones(len(r), dtype=bool)
+    hopeless = np.ones(len(r), dtype=bool)
     for _, members in groups_to_test(effects.labels, config.min_class_size):
-        t, final = projected_t(r[:, members], -1.0, -config.margin)
-        safe &= t > -stats.t.ppf(1 - alpha, max(1.0, final - 1))
-    t, final = projected_t(r, 1.0, config.margin)
-    safe &= t < stats.t.ppf(1 - alpha, max(1.0, final - 1))
-    return safe
+        hopeless &= power(r[:, members], -config.margin, lower=True) < gamma
+    hopeless &= power(r, config.margin, lower=False) < gamma
+    return hopeless
 
 
 def _entry(categorization: Categorization, row: int) -> tuple:
