@@ -160,6 +160,24 @@ def per_sample(entry: dict, value: torch.Tensor) -> torch.Tensor:
     return moved.reshape(moved.shape[0], -1, moved.shape[-1]).sum(1).double().cpu()
 
 
+def reduce_captures(store: dict[str, list], samples: int, value=None) -> dict[str, torch.Tensor]:
+    """Per consumer layer: (samples, unit axis) sums of ``value(layer, entry)`` over every call
+    of the layer, from what ``consumer_inputs`` captured; ``value`` returning None means x * grad
+    (calls that got no gradient count as zero)."""
+    per_layer = {}
+    for layer, entries in store.items():
+        total = torch.zeros(samples, entries[0]["x"].shape[entries[0]["dim"]], dtype=torch.float64)
+        for entry in entries:
+            if entry.get("grad") is None:
+                continue
+            chosen = value(layer, entry) if value is not None else None
+            total = total + per_sample(
+                entry, entry["x"] * entry["grad"] if chosen is None else chosen
+            )
+        per_layer[layer] = total
+    return per_layer
+
+
 def unit_values(space: UnitSpace, per_layer: dict[str, torch.Tensor]) -> np.ndarray:
     """(samples, units): the sum over each unit's consumer inputs."""
     samples = next(iter(per_layer.values())).shape[0]
@@ -207,19 +225,9 @@ def _gradient_pass(
                     logits = model(batch)
                     loss = nn.functional.cross_entropy(logits, target, reduction="sum")
                     loss.backward()
-            per_layer = {}
-            for layer, entries in store.items():
-                total = None
-                for entry in entries:
-                    grad = entry.get("grad")
-                    if grad is None:
-                        continue
-                    value = grad if relevance else entry["x"] * grad
-                    part = per_sample(entry, value)
-                    total = part if total is None else total + part
-                if total is None:
-                    total = torch.zeros(len(batch), entries[0]["x"].shape[entries[0]["dim"]])
-                per_layer[layer] = total
+            per_layer = reduce_captures(
+                store, len(batch), lambda _layer, entry: entry["grad"] if relevance else None
+            )
             rows.append(unit_values(space, per_layer))
     finally:
         model.zero_grad(set_to_none=True)

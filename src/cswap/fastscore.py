@@ -40,7 +40,7 @@ from torch import nn
 
 from cswap.categorize import CRITICAL, Categorization, CategoryConfig, categorize
 from cswap.compensation import Compensation
-from cswap.criteria import consumer_inputs, per_sample, unit_values
+from cswap.criteria import consumer_inputs, reduce_captures, unit_values
 from cswap.scoring import CausalEffects, causal_effects
 from cswap.units import UnitSpace
 
@@ -114,23 +114,16 @@ def first_order_effects(
                 probabilities = torch.softmax(model(batch), dim=1)
                 sigma = probabilities.gather(1, target.view(-1, 1)).squeeze(1)
                 sigma.sum().backward()
-            per_layer = {}
-            for layer, entries in store.items():
-                total = None
-                for entry in entries:
-                    grad = entry.get("grad")
-                    if grad is None:
-                        continue
-                    x = entry["x"]
-                    if compensation is not None:
-                        shape = [1] * x.dim()
-                        shape[entry["dim"]] = -1
-                        x = x - compensation.means[layer].to(x).view(shape)
-                    part = per_sample(entry, x * grad)
-                    total = part if total is None else total + part
-                if total is None:
-                    total = torch.zeros(len(batch), entries[0]["x"].shape[entries[0]["dim"]])
-                per_layer[layer] = total
+
+            def centred(layer: str, entry: dict) -> torch.Tensor:
+                x = entry["x"]
+                if compensation is not None:  # compensated removal moves x to the mean
+                    shape = [1] * x.dim()
+                    shape[entry["dim"]] = -1
+                    x = x - compensation.means[layer].to(x).view(shape)
+                return x * entry["grad"]
+
+            per_layer = reduce_captures(store, len(batch), centred)
             change = -unit_values(space, per_layer)  # (samples, units)
             columns.append(change / sigma.detach().double().cpu().numpy()[:, None])
     finally:
