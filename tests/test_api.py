@@ -9,7 +9,7 @@ from torch.utils.data import TensorDataset
 
 import cswap
 from conftest import TinyNet
-from cswap import api
+from cswap import session as session_module
 from cswap.errors import CswapError
 from cswap.intervene import hook_count
 
@@ -153,7 +153,7 @@ def test_resume_continues_exactly(trained_tiny, data, tmp_path, monkeypatch):
     settings = dict(target_params=0.4, allow_critical=True)
     full = run(trained_tiny, data, checkpoint_dir=tmp_path / "a", **settings)
     calls = {"n": 0}
-    original = api.masked_validation
+    original = session_module.masked_validation
 
     def interrupted(*args, **kwargs):
         calls["n"] += 1
@@ -161,11 +161,11 @@ def test_resume_continues_exactly(trained_tiny, data, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(api, "masked_validation", interrupted)
+    monkeypatch.setattr(session_module, "masked_validation", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run(trained_tiny, data, checkpoint_dir=tmp_path / "b", **settings)
     assert (tmp_path / "b" / "checkpoint.json").is_file()
-    monkeypatch.setattr(api, "masked_validation", original)
+    monkeypatch.setattr(session_module, "masked_validation", original)
     resumed = run(trained_tiny, data, checkpoint_dir=tmp_path / "b", resume=True, **settings)
     assert resumed.plan == full.plan
     assert resumed.report["steps"] == full.report["steps"]

@@ -36,6 +36,14 @@ from cswap.errors import CswapError
 from cswap.intervene import removed as intervention
 from cswap.measure import measure_latency, predict
 from cswap.schedule import ScheduleConfig, oneshot
+from cswap.session import (
+    make_options,
+    make_ranker,
+    measure_compensation,
+    prepare,
+    run_progressive,
+    tensors,
+)
 from cswap.surgery import prune_and_fold
 
 log = logging.getLogger("cswap.bench")
@@ -150,8 +158,8 @@ class _ModelBench:
             batch_size=config.batch_size,
             device=config.device,
         )
-        self.options = api._options({"batch_size": config.batch_size, "seed": config.seed})
-        self.prepared = api._prepare(
+        self.options = make_options({"batch_size": config.batch_size, "seed": config.seed})
+        self.prepared = prepare(
             loaded.model,
             selection.calibration,
             selection.validation,
@@ -162,7 +170,7 @@ class _ModelBench:
         )
         if selection.test is None:
             raise CswapError("The data has no test split.", "use fashion-mnist.")
-        images, labels = api._tensors(selection.test, config.batch_size)
+        images, labels = tensors(selection.test, config.batch_size)
         self.test_batches = [
             (images[i : i + config.batch_size], labels[i : i + config.batch_size])
             for i in range(0, len(images), config.batch_size)
@@ -177,22 +185,6 @@ class _ModelBench:
         with intervention(model, self.prepared.space, units, compensation):
             predictions, labels = predict(model, self.test_batches, self.prepared.device)
         return float((predictions == labels).float().mean())
-
-    def validate(self, compensation):
-        prepared = self.prepared
-
-        def validate(units):
-            return api.masked_validation(
-                prepared.model,
-                prepared.space,
-                units,
-                prepared.validation,
-                prepared.reference_predictions,
-                device=prepared.device,
-                compensation=compensation,
-            )
-
-        return validate
 
     def row(self, method, mode, compensate, target, units, compensation, **extra) -> dict:
         """Test accuracy and latency of the physically pruned (and folded) model: it computes
@@ -249,7 +241,7 @@ def _first_ranking(bench: _ModelBench, method, compensate, compensation, out: Pa
         ]
         return rankings[0], rankings[1], data["scoring_seconds"]
     started = time.perf_counter()
-    ranker = api._ranker(
+    ranker = make_ranker(
         method, "progressive", bench.prepared, bench.options, bench.progress, compensation
     )
     if method == "cswap":
@@ -313,7 +305,7 @@ def run_bench(
             compensations = {}
             for method, compensate in wanted:
                 if compensate not in compensations:
-                    compensations[compensate] = api._compensation(
+                    compensations[compensate] = measure_compensation(
                         bench.prepared, compensate, bench.options
                     )
                 compensation = compensations[compensate]
@@ -378,16 +370,16 @@ def _run_one(bench, method, mode, compensate, compensation, targets, out) -> lis
                 elapsed = scoring_seconds + time.perf_counter() - started
                 crossings[target] = (state.removed, validation, elapsed)
 
-    ranker = api._ranker(
+    ranker = make_ranker(
         method, "progressive", bench.prepared, bench.options, bench.progress, compensation
     )
     ranker.preset = progressive_ranking
-    result = api._progressive(
+    result = run_progressive(
         bench.prepared,
         bench.options,
         _schedule(bench.config, targets[-1], targets[:-1]),
         ranker,
-        bench.validate(compensation),
+        bench.prepared.validator(compensation),
         progress=bench.progress,
         on_accept=on_accept,
     )
@@ -529,10 +521,10 @@ SPEED_LEVERS = {
     # name: (prefix reuse, units per pass, sequential looks, screening)
     "naive": (False, 1, (), False),
     "prefix": (True, 1, (), False),
-    "batching": (False, None, (), False),
+    "batching": (False, 0, (), False),  # 0: as many units per pass as the memory budget allows
     "sequential": (False, 1, (0.25, 0.5, 0.75), False),
     "screening": (False, 1, (), True),
-    "all": (True, None, (0.25, 0.5, 0.75), True),
+    "all": (True, None, (0.25, 0.5, 0.75), True),  # None: the tool's auto choice (1 on CPU)
 }
 
 
@@ -573,6 +565,7 @@ def speed_bench(
     *,
     levers: Sequence[str] = tuple(SPEED_LEVERS),
     calib_per_class: int = 10,
+    compensate: str = "mean",
     batch_size: int = 256,
     memory_budget_mb: float = 1024.0,
     seed: int = 0,
@@ -580,7 +573,8 @@ def speed_bench(
     echo: Callable[[str], None] = print,
 ) -> dict:
     """Time the first scoring of ``spec`` under each lever; compare categories and xi with the
-    naive exact run (one unit per full forward pass, fixed n, no screening)."""
+    naive exact run (one unit per full forward pass, fixed n, no screening). ``compensate``:
+    the interventions scored, as ``cswap prune`` scores them (``lstsq`` scores with the means)."""
     from scipy.stats import spearmanr
 
     from cswap.fastscore import FastConfig, fast_categorize
@@ -599,8 +593,8 @@ def speed_bench(
         batch_size=batch_size,
         device=device,
     )
-    options = api._options({"batch_size": batch_size, "seed": seed})
-    prepared = api._prepare(
+    options = make_options({"batch_size": batch_size, "seed": seed})
+    prepared = prepare(
         loaded.model,
         selection.calibration,
         selection.validation,
@@ -609,13 +603,19 @@ def speed_bench(
         device=device,
         options=options,
     )
+    if compensate not in api.COMPENSATIONS:
+        raise CswapError(
+            f"Unknown compensation {compensate!r}.", f"use one of {', '.join(api.COMPENSATIONS)}."
+        )
+    compensation = measure_compensation(prepared, compensate, options)
+    compensation = compensation and compensation.scoring_view()
     space = prepared.space
     config = options.category_config()
     results: dict[str, dict] = {}
     reference = None
     for lever in levers:
         prefix, per_pass, looks, screen = SPEED_LEVERS[lever]
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         with _PeakMemory() as memory:
             result = fast_categorize(
                 prepared.model,
@@ -630,13 +630,16 @@ def speed_bench(
                 prefix_reuse=prefix,
                 units_per_pass=per_pass,
                 memory_budget_mb=memory_budget_mb,
+                compensation=compensation,
             )
         seconds = time.perf_counter() - started
+        cpu_seconds = time.process_time() - cpu_started
         categorization = result.categorization
         if reference is None:
             reference = categorization
         entry = {
             "seconds": round(seconds, 3),
+            "cpu_seconds": round(cpu_seconds, 3),
             "units_per_second": round(len(space) / seconds, 3),
             "peak_memory_mb": round(memory.peak, 1),
             "memory_growth_mb": round(memory.peak - memory.start, 1),
@@ -649,7 +652,8 @@ def speed_bench(
         }
         results[lever] = entry
         echo(
-            f"{spec} {lever:10s} {seconds:8.1f} s  {entry['units_per_second']:8.2f} units/s  "
+            f"{spec} {lever:10s} {seconds:8.1f} s (cpu {cpu_seconds:7.1f} s)  "
+            f"{entry['units_per_second']:8.2f} units/s  "
             f"agreement {entry['category_agreement']:.4f}  spearman {entry['xi_spearman']:.4f}  "
             f"peak {entry['peak_memory_mb']:.0f} MB"
         )
@@ -659,10 +663,15 @@ def speed_bench(
         "model": spec,
         "units": len(space),
         "calibration_images": len(prepared.calibration_images),
+        "compensate": compensate,
         "torch_threads": torch.get_num_threads(),
         "naive_seconds": naive["seconds"],
         "fast_seconds": fast["seconds"],
         "speedup": round(naive["seconds"] / fast["seconds"], 3),
+        # CPU time of this process: robust to other jobs sharing the cores (wall time is not)
+        "naive_cpu_seconds": naive["cpu_seconds"],
+        "fast_cpu_seconds": fast["cpu_seconds"],
+        "cpu_speedup": round(naive["cpu_seconds"] / max(fast["cpu_seconds"], 1e-9), 3),
         "category_agreement": fast["category_agreement"],
         "xi_spearman": fast["xi_spearman"],
         "peak_memory_mb": max(entry["peak_memory_mb"] for entry in results.values()),

@@ -136,9 +136,13 @@ def causal_effects(
     ``prefix_reuse`` reruns only the layers from the unit's first consumer onward (exact: the same
     operations on the same values); models that cannot be traced fall back to full passes.
     ``units_per_pass`` interventions share one forward pass (the batch stacked once per unit,
-    each copy with its own masks; exact); ``None`` picks as many as fit ``memory_budget_mb`` by
-    an upper bound of the activations one image needs (capped at 64); 1 is one unit per pass.
+    each copy with its own masks; exact); 0 picks as many as fit ``memory_budget_mb`` by an
+    upper bound of the activations one image needs (capped at 64); 1 is one unit per pass;
+    ``None`` (auto) is 1 on the CPU, where stacking copies measured slower than one pass per
+    unit (``cswap bench-speed``: the pass is already compute-bound), and 0 on accelerators.
     """
+    if units_per_pass is not None and units_per_pass < 0:
+        raise ValueError(f"units_per_pass must be >= 0 or None, got {units_per_pass}.")
     already = sorted(set(already_removed))
     if units is None:
         gone = set(already)
@@ -157,6 +161,8 @@ def causal_effects(
     baseline = np.empty(len(images), dtype=np.float64)
     intervened = np.empty((len(units), len(images)), dtype=np.float64)
     per_pass = units_per_pass
+    if per_pass is None:
+        per_pass = 1 if torch.device(device).type == "cpu" else 0
     try:
         with torch.no_grad():
             for start in range(0, len(images), batch_size):
@@ -168,7 +174,7 @@ def causal_effects(
                         logits, caches = runner.full(batch)
                     else:
                         logits, caches = model(batch), {}
-                if per_pass is None:
+                if per_pass == 0:
                     per_image = max(1, meter.elements // len(batch)) * batch.element_size()
                     per_pass = int(memory_budget_mb * 2**20 // (per_image * len(batch)))
                     per_pass = max(1, min(64, per_pass))

@@ -23,8 +23,12 @@ def register(app: typer.Typer) -> None:
             "oneshot,progressive"
         ),
         compensate: Annotated[
-            str, typer.Option(help="Comma-separated compensations: none, mean.")
-        ] = "mean,none",
+            str,
+            typer.Option(
+                help="Comma-separated compensations (none, mean, lstsq); default: the tool's "
+                "default, mean. Each extra one is a further set of rows."
+            ),
+        ] = "mean",
         targets: Annotated[
             str, typer.Option(help="Fractions of params removed.")
         ] = "0.1,0.2,0.3,0.4,0.5,0.6,0.7",
@@ -86,6 +90,9 @@ def register(app: typer.Typer) -> None:
             str, typer.Option(help="naive, prefix, batching, sequential, screening, all.")
         ] = "naive,prefix,batching,sequential,screening,all",
         calib_per_class: Annotated[int, typer.Option(help="Calibration images per class.")] = 10,
+        compensate: Annotated[
+            str, typer.Option(help="Compensation of the scored interventions: none or mean.")
+        ] = "mean",
         memory_budget_mb: Annotated[
             float, typer.Option(help="Memory budget of batched interventions.")
         ] = 1024.0,
@@ -105,6 +112,7 @@ def register(app: typer.Typer) -> None:
             model,
             levers=parse_list(levers),
             calib_per_class=calib_per_class,
+            compensate=compensate,
             batch_size=batch_size,
             memory_budget_mb=memory_budget_mb,
             seed=seed,

@@ -236,7 +236,11 @@ def register(app: typer.Typer) -> None:
             bool, typer.Option(help="First-order screening of clearly critical units.")
         ] = False,
         units_per_pass: Annotated[
-            int | None, typer.Option(help="Interventions per forward pass (default: by budget).")
+            int | None,
+            typer.Option(
+                help="Interventions per forward pass; 0: as many as --memory-budget-mb allows "
+                "(default: 1 on CPU, where batching measured slower; 0 on GPU)."
+            ),
         ] = None,
         memory_budget_mb: Annotated[
             float, typer.Option(help="Memory budget of batched interventions.")
