@@ -188,11 +188,30 @@ def test_lstsq_moves_a_duplicate_neuron_onto_its_twin_exactly():
         assert not torch.allclose(folded(x), reference, atol=1e-3)  # the mean cannot do this
 
 
-def test_lstsq_refuses_a_layer_too_wide_for_its_gram_matrix():
-    model = nn.Sequential(nn.Linear(3, 9000), nn.ReLU(), nn.Linear(9000, 2)).eval()
-    space = discover_units(model, torch.zeros(1, 3))
-    with pytest.raises(CswapError, match="GiB Gram matrix"):
-        measure_means(model, space, torch.zeros(4, 3), mode="lstsq")
+def test_lstsq_falls_back_to_the_mean_for_a_layer_too_wide_for_its_gram_matrix():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(3, 9000), nn.ReLU(), nn.Linear(9000, 16), nn.ReLU(), nn.Linear(16, 2)
+    ).eval()
+    x = torch.randn(64, 3)
+    space = discover_units(model, x[:1])
+    lstsq = measure_means(model, space, x, mode="lstsq")
+    assert set(lstsq.fallback) == {"2"} and "GiB Gram matrix" in lstsq.fallback["2"]
+    assert not lstsq.refits("2") and lstsq.refits("4")
+    assert set(lstsq.grams) == {"4"}  # no 9,001^2 matrix was built
+    wide = [u.id for u in space.units if u.targets[0].layer == "2"][:50]
+    narrow = [u.id for u in space.units if u.targets[0].layer == "4"][:5]
+    units = wide + narrow
+    mean = measure_means(model, space, x, mode="mean")
+    with torch.no_grad():
+        pruned = prune_copy(model, space, units, x[:1], lstsq)
+        with removed(model, space, units, lstsq):
+            masked = model(x)
+        assert torch.allclose(pruned(x), masked, rtol=1e-4, atol=1e-5)
+        # the wide layer got exactly the mean fold, the narrow one a refit
+        by_mean = prune_copy(model, space, units, x[:1], mean)
+        assert torch.allclose(pruned[2].bias, by_mean[2].bias, rtol=1e-6, atol=1e-7)
+        assert not torch.allclose(pruned[4].weight, by_mean[4].weight)
 
 
 def test_compensation_needs_images():

@@ -334,11 +334,14 @@ def _compensation_report(
 ) -> dict:
     if compensation is None:
         return {"mode": compensate}
-    return {
+    report = {
         "mode": compensate,
         "mean_images": compensation.images,
         "folded_into": dict(sorted(sinks.items())),
     }
+    if compensation.mode == "lstsq":
+        report["mean_instead_of_lstsq"] = dict(sorted((compensation.fallback or {}).items()))
+    return report
 
 
 def _border_gap(prepared, space, removed, compensation, batch) -> float:

@@ -30,6 +30,7 @@ the equivalence stays exact).
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ from torch import nn
 from cswap.errors import CswapError
 from cswap.units import UnitSpace
 
+log = logging.getLogger(__name__)
 MODES = ("none", "mean", "lstsq")
 MAX_LSTSQ_FEATURES = 8192  # a consumer's Gram matrix is (features + 1)^2 float64 values
 
@@ -55,6 +57,11 @@ class Compensation:
     mode: str = "mean"
     grams: dict[str, torch.Tensor] | None = None
     ridge: float = 1e-3
+    fallback: dict[str, str] | None = None  # lstsq: layer -> why it is mean-compensated instead
+
+    def refits(self, layer: str) -> bool:
+        """Whether ``layer`` is refitted (lstsq with a Gram matrix) rather than mean-shifted."""
+        return self.mode == "lstsq" and self.grams is not None and layer in self.grams
 
     def scoring_view(self) -> Compensation:
         """What scoring intervenes with: the mean replacement (refitting the consumers for every
@@ -137,6 +144,19 @@ def check_consumers(model: nn.Module, space: UnitSpace) -> None:
             )
 
 
+def _lstsq_unsupported(module: nn.Module) -> str | None:
+    """Why ``module`` cannot be refitted by least squares (it is mean-compensated then)."""
+    features = module.weight[0].numel()
+    if features > MAX_LSTSQ_FEATURES:
+        size = 8 * (features + 1) ** 2 / 2**30
+        return f"{features:,} inputs per output: a {size:.1f} GiB Gram matrix"
+    if isinstance(module, nn.Conv1d | nn.Conv2d) and (
+        isinstance(module.padding, str) or module.padding_mode != "zeros"
+    ):
+        return f"padding={module.padding!r}, padding_mode={module.padding_mode!r}"
+    return None
+
+
 def _features(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """(rows, features + 1): the inputs each output is computed from, with a ones column."""
     x = x.detach().to(torch.float64)
@@ -149,13 +169,6 @@ def _features(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         stride = module.stride if isinstance(module, nn.Conv2d) else (1, *module.stride)
         padding = module.padding if isinstance(module, nn.Conv2d) else (0, *module.padding)
         dilation = module.dilation if isinstance(module, nn.Conv2d) else (1, *module.dilation)
-        if isinstance(padding, str) or module.padding_mode != "zeros":
-            raise CswapError(
-                f"lstsq compensation supports zero-padded convolutions with numeric padding; "
-                f"{type(module).__name__} has padding={module.padding!r}, "
-                f"padding_mode={module.padding_mode!r}.",
-                "use compensate='mean'.",
-            )
         patches = nn.functional.unfold(
             x, kernel, dilation=dilation, padding=padding, stride=stride
         )  # (N, C*k*k, L)
@@ -183,16 +196,14 @@ def measure_means(
     check_consumers(model, space)
     modules = dict(model.named_modules())
     dims = {target.layer: target.dim for unit in space.units for target in unit.targets}
+    fallback: dict[str, str] = {}
     if mode == "lstsq":
         for layer in dims:
-            weight = modules[layer].weight
-            features = weight[0].numel()
-            if features > MAX_LSTSQ_FEATURES:
-                raise CswapError(
-                    f"lstsq compensation of {layer} would solve with {features:,} input "
-                    f"features (a {8 * (features + 1) ** 2 / 2**30:.1f} GiB Gram matrix).",
-                    "use compensate='mean' for this model, or ignore that layer's inputs.",
-                )
+            reason = _lstsq_unsupported(modules[layer])
+            if reason:
+                fallback[layer] = reason
+        for layer, reason in sorted(fallback.items()):
+            log.warning("lstsq compensation: %s is mean-compensated instead (%s)", layer, reason)
     sums: dict[str, torch.Tensor] = {}
     grams: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = defaultdict(int)
@@ -201,7 +212,7 @@ def measure_means(
     def recorder(layer: str, dim: int):
         def hook(module: nn.Module, inputs: tuple) -> None:
             x = inputs[0].detach().to(torch.float64)
-            if mode == "lstsq":
+            if mode == "lstsq" and layer not in fallback:
                 rows = _features(module, inputs[0])
                 product = (rows.T @ rows).cpu()
                 grams[layer] = grams[layer] + product if layer in grams else product
@@ -234,8 +245,10 @@ def measure_means(
         )
     means = {layer: sums[layer] / counts[layer] for layer in dims}
     if mode == "lstsq":
-        normalized = {layer: grams[layer] / gram_rows[layer] for layer in dims}
-        return Compensation(means, len(images), mode="lstsq", grams=normalized, ridge=ridge)
+        normalized = {layer: grams[layer] / gram_rows[layer] for layer in grams}
+        return Compensation(
+            means, len(images), mode="lstsq", grams=normalized, ridge=ridge, fallback=fallback
+        )
     return Compensation(means=means, images=len(images))
 
 
@@ -272,7 +285,7 @@ def fold(
     try:
         for layer, (_dim, indices) in sorted(consumer_indices(space, units).items()):
             module = modules[layer]
-            if compensation.mode == "lstsq":
+            if compensation.refits(layer):
                 weight, delta = compensation.refit(module, layer, indices)
                 with torch.no_grad():
                     module.weight.copy_(weight.to(module.weight))

@@ -90,7 +90,8 @@ def removed(
     """Within the block, ``model`` computes what it would with ``units`` physically removed (and,
     with ``compensation``, their mean contribution folded into the consumers).
 
-    With an ``lstsq`` compensation each consumer computes with its refitted weights instead.
+    With an ``lstsq`` compensation each consumer computes with its refitted weights instead
+    (except the layers it mean-compensates, ``compensation.fallback``).
     ``ideal=True`` (with a compensation) replaces the removed inputs by their means instead of
     folding: it differs from the fold only at zero-padded convolution borders, and exists to
     measure that difference.
@@ -110,17 +111,16 @@ def removed(
         for (layer, dim), indices in consumer_masks(space, units).items():
             index_tensor = torch.tensor(sorted(set(indices)), dtype=torch.long)
             handles.append(modules[layer].register_forward_pre_hook(_mask_hook(dim, index_tensor)))
-        if compensation is not None and compensation.mode == "lstsq":
-            for layer, (_dim, indices) in consumer_indices(space, units).items():
-                module = modules[layer]
-                weight, bias = compensation.refit(module, layer, indices)
-                handles.append(module.register_forward_hook(_refit_hook(weight, bias)))
-        elif compensation is not None:
+        if compensation is not None:
             for layer, (dim, indices) in consumer_indices(space, units).items():
                 module = modules[layer]
-                delta = compensation.delta(module, layer, indices)
-                out_dim = 1 if dim == 1 else -1
-                handles.append(module.register_forward_hook(_shift_hook(out_dim, delta)))
+                if compensation.refits(layer):
+                    weight, bias = compensation.refit(module, layer, indices)
+                    handles.append(module.register_forward_hook(_refit_hook(weight, bias)))
+                else:
+                    delta = compensation.delta(module, layer, indices)
+                    out_dim = 1 if dim == 1 else -1
+                    handles.append(module.register_forward_hook(_shift_hook(out_dim, delta)))
         yield model
     finally:
         for handle in handles:

@@ -211,13 +211,22 @@ def render_html(report: dict, directory: Path) -> str:
 detrimental {counts.get(DETRIMENTAL, 0)}. Removal is tried for detrimental units first (largest
 xi first), then neutral ones; critical units are kept unless allowed.</p>
 {_image(directory, "xi.png")}"""
-    folds = (report.get("compensation") or {}).get("folded_into") or {}
-    fold_rows = "".join(
-        f"<tr><td>{e(layer)}</td><td>{e(sink)}</td></tr>" for layer, sink in folds.items()
+    compensation = report.get("compensation") or {}
+    folds = compensation.get("folded_into") or {}
+    instead = compensation.get("mean_instead_of_lstsq")
+    how = (
+        (lambda layer: f"<td>{e('mean: ' + instead[layer]) if layer in instead else 'refit'}</td>")
+        if instead is not None
+        else (lambda layer: "")
     )
+    fold_rows = "".join(
+        f"<tr><td>{e(layer)}</td><td>{e(sink)}</td>{how(layer)}</tr>"
+        for layer, sink in folds.items()
+    )
+    how_header = "<th>how</th>" if instead is not None else ""
     compensation_section = (
         "<h2>Compensation</h2><p>Where each reading layer's folded constant went.</p>"
-        f"<table><tr><th>layer</th><th>folded into</th></tr>{fold_rows}</table>"
+        f"<table><tr><th>layer</th><th>folded into</th>{how_header}</tr>{fold_rows}</table>"
         if fold_rows
         else ""
     )
