@@ -56,6 +56,22 @@ def test_sequential_looks_stop_critical_units_early_and_spend_alpha(setting):
     assert hook_count(model) == 0
 
 
+def test_with_no_early_alpha_only_neutral_units_stop_early(setting):
+    model, space, images, labels, exact = setting
+    fast = FastConfig(looks=(0.25, 0.5, 0.75), early_alpha_share=0.0, futility=0.2)
+    result = fast_categorize(model, space, images, labels, CONFIG, fast)
+    categories = result.categorization.categories
+    assert result.settled_early > 0
+    stopped = result.exact_passes < result.full_passes
+    assert stopped
+    # a unit that ran to the end is tested exactly like the fixed-n procedure (full alpha):
+    # critical now => critical there, and every early stop is a neutral verdict
+    assert all(exact.categories[categories == CRITICAL] == CRITICAL)
+    changed = categories != exact.categories
+    assert set(categories[changed]) <= {"neutral"}
+    assert hook_count(model) == 0
+
+
 def test_first_order_estimate_is_the_derivative_of_removal():
     torch.manual_seed(0)
     model = (

@@ -517,14 +517,16 @@ def table(rows: list[dict], targets: Sequence[float] = (0.3, 0.5, 0.7)) -> str:
 
 # ----------------------------------------------------------------------------- scoring speed
 
+LOOKS = (0.25, 0.5, 0.75)
 SPEED_LEVERS = {
-    # name: (prefix reuse, units per pass, sequential looks, screening)
-    "naive": (False, 1, (), False),
-    "prefix": (True, 1, (), False),
-    "batching": (False, 0, (), False),  # 0: as many units per pass as the memory budget allows
-    "sequential": (False, 1, (0.25, 0.5, 0.75), False),
-    "screening": (False, 1, (), True),
-    "all": (True, None, (0.25, 0.5, 0.75), True),  # None: the tool's auto choice (1 on CPU)
+    # name: (prefix reuse, units per pass, sequential looks, early alpha share, screening)
+    "naive": (False, 1, (), 0.0, False),
+    "prefix": (True, 1, (), 0.0, False),
+    "batching": (False, 0, (), 0.0, False),  # 0: as many units per pass as the budget allows
+    "sequential": (False, 1, LOOKS, 0.25, False),  # early critical and neutral verdicts
+    "futility": (False, 1, LOOKS, 0.0, False),  # early neutral verdicts only, critical at alpha
+    "screening": (False, 1, (), 0.0, True),
+    "all": (True, None, LOOKS, 0.0, True),  # None: the tool's auto choice (1 on CPU)
 }
 
 
@@ -614,7 +616,7 @@ def speed_bench(
     results: dict[str, dict] = {}
     reference = None
     for lever in levers:
-        prefix, per_pass, looks, screen = SPEED_LEVERS[lever]
+        prefix, per_pass, looks, share, screen = SPEED_LEVERS[lever]
         started, cpu_started = time.perf_counter(), time.process_time()
         with _PeakMemory() as memory:
             result = fast_categorize(
@@ -623,7 +625,7 @@ def speed_bench(
                 prepared.calibration_images,
                 prepared.calibration_labels,
                 config,
-                FastConfig(looks=looks, screen=screen),
+                FastConfig(looks=looks, early_alpha_share=share, screen=screen),
                 seed=seed,
                 batch_size=batch_size,
                 device=device,

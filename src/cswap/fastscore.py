@@ -16,7 +16,10 @@ settled as neutral) <= alpha as well; or, with ``futility`` > 0 (default 0.05), 
 curtailment: the conditional power of every final test under the current trend is below
 ``futility`` (no error guarantee for this one; its agreement with the fixed-n verdicts is
 measured). Detrimental is only decided at the final look, at the full
-alpha. An early look is taken only when every class tested on the full set has at least
+alpha. ``early_alpha_share=0`` takes no critical verdict early: early looks only settle
+neutral units, and every critical test runs at the final look at the full alpha (the fixed-n
+test's own level; stopping for neutral can only make a unit less often critical). An early
+look is taken only when every class tested on the full set has at least
 ``min_class_size`` samples in the prefix. A settled unit's xi is the mean over the samples it saw.
 ``looks=()`` is the exact fixed-n procedure.
 
@@ -58,8 +61,8 @@ class FastConfig:
             raise ValueError(f"looks {self.looks} must be fractions in (0, 1).")
         if not 0.0 <= self.futility < 0.5:
             raise ValueError("futility must be in [0, 0.5).")
-        if not 0.0 < self.early_alpha_share < 1.0:
-            raise ValueError("early_alpha_share must be in (0, 1).")
+        if not 0.0 <= self.early_alpha_share < 1.0:
+            raise ValueError("early_alpha_share must be in [0, 1).")
         if self.screen_factor < 1.0:
             raise ValueError("screen_factor must be >= 1.")
 
@@ -183,6 +186,9 @@ def fast_categorize(
     looks = sorted(fast.looks)
     early_alpha = config.alpha * fast.early_alpha_share / len(looks) if looks else 0.0
     final_alpha = config.alpha * (1 - fast.early_alpha_share) if looks else config.alpha
+    # share 0: early looks only settle neutral units; the "inside the margin" bound is then
+    # taken at alpha per look (it guards against missing a critical unit, not a false one)
+    neutral_alpha = early_alpha if early_alpha > 0 else config.alpha / max(1, len(looks))
     effects = np.zeros((len(space), 0))
     baseline = np.zeros(0)
     seen = 0
@@ -212,9 +218,9 @@ def fast_categorize(
         seen = upto
         so_far = CausalEffects(np.asarray(active), effects[active], label_array[:seen], baseline)
         if seen < n and _classes_testable(label_array, seen, config.min_class_size):
-            verdict = categorize(so_far, replace(config, alpha=early_alpha))
-            critical = verdict.categories == CRITICAL
-            neutral = _surely_neutral(so_far, config, early_alpha)
+            verdict = categorize(so_far, replace(config, alpha=early_alpha or config.alpha))
+            critical = (verdict.categories == CRITICAL) & (early_alpha > 0)
+            neutral = _surely_neutral(so_far, config, neutral_alpha)
             if fast.futility > 0:
                 neutral |= _hopeless(so_far, config, n / seen, final_alpha, fast.futility)
             stop = critical | (neutral & ~critical)

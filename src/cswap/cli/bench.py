@@ -87,8 +87,8 @@ def register(app: typer.Typer) -> None:
     def bench_speed_command(
         model: Annotated[str, typer.Option(help="Model spec.")] = "zoo:resnet20",
         levers: Annotated[
-            str, typer.Option(help="naive, prefix, batching, sequential, screening, all.")
-        ] = "naive,prefix,batching,sequential,screening,all",
+            str, typer.Option(help="naive, prefix, batching, sequential, futility, screening, all.")
+        ] = "naive,prefix,batching,sequential,futility,screening,all",
         calib_per_class: Annotated[int, typer.Option(help="Calibration images per class.")] = 10,
         compensate: Annotated[
             str, typer.Option(help="Compensation of the scored interventions: none or mean.")
