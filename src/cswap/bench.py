@@ -605,10 +605,6 @@ def speed_bench(
         device=device,
         options=options,
     )
-    if compensate not in api.COMPENSATIONS:
-        raise CswapError(
-            f"Unknown compensation {compensate!r}.", f"use one of {', '.join(api.COMPENSATIONS)}."
-        )
     compensation = measure_compensation(prepared, compensate, options)
     compensation = compensation and compensation.scoring_view()
     space = prepared.space

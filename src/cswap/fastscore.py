@@ -223,7 +223,9 @@ def fast_categorize(
             neutral = _surely_neutral(so_far, config, neutral_alpha)
             if fast.futility > 0:
                 neutral |= _hopeless(so_far, config, n / seen, final_alpha, fast.futility)
-            stop = critical | (neutral & ~critical)
+            # a neutral stop needs a non-critical verdict too (with share 0 the verdict is at
+            # the full alpha, and a unit it calls critical runs on to the final test)
+            stop = critical | (neutral & (verdict.categories != CRITICAL))
             for row in np.flatnonzero(stop):
                 decided[active[row]] = _entry(verdict, row)
             settled_early += int(stop.sum())

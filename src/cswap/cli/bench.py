@@ -91,7 +91,11 @@ def register(app: typer.Typer) -> None:
         ] = "naive,prefix,batching,sequential,futility,screening,all",
         calib_per_class: Annotated[int, typer.Option(help="Calibration images per class.")] = 10,
         compensate: Annotated[
-            str, typer.Option(help="Compensation of the scored interventions: none or mean.")
+            str,
+            typer.Option(
+                help="Compensation of the scored interventions: none, mean or lstsq "
+                "(lstsq is scored with the means)."
+            ),
         ] = "mean",
         memory_budget_mb: Annotated[
             float, typer.Option(help="Memory budget of batched interventions.")
