@@ -5,7 +5,7 @@ import csv
 import pytest
 import torch
 
-from cswap.bench import COLUMNS, BenchConfig, run_bench, table
+from cswap.bench import COLUMNS, BenchConfig, progressive_table, run_bench, table, update_doc
 from cswap.errors import CswapError
 from cswap.units import discover_units
 from cswap.zoo.registry import ZOO
@@ -81,6 +81,52 @@ def test_the_table_and_bad_configs():
         BenchConfig(("m",), ("magic",), ("oneshot",), ("none",), (0.3,))
     with pytest.raises(CswapError, match="targets"):
         BenchConfig(("m",), ("l1",), ("oneshot",), ("none",), (1.5,))
+
+
+def _progressive(target, removed, seconds, stop):
+    return {
+        "model": "m",
+        "method": "l1",
+        "mode": "progressive",
+        "compensate": "mean",
+        "target": target,
+        "reached": "False",
+        "params_reduction": removed,
+        "macs_reduction": "0.05",
+        "test_accuracy": "0.9",
+        "test_accuracy_drop": "0.01",
+        "val_accuracy": "0.91",
+        "stop_reason": stop,
+        "total_seconds": seconds,
+        "note": "",
+    }
+
+
+def test_the_progressive_table_shows_where_each_run_ended(tmp_path):
+    rows = [
+        _progressive("0.1000", "0.1", "60", "target_reached"),
+        _progressive("0.2000", "0.15", "180", "tolerance_unmet"),
+        _progressive("0.3000", "0.15", "180", "tolerance_unmet"),
+    ]
+    text = progressive_table(rows)
+    assert text.splitlines()[2:] == [
+        "| m | l1 | mean | 15.0% | 5.0% | 0.9000 (+0.0100) | 0.9100 | tolerance_unmet | 3 |"
+    ]
+    doc = tmp_path / "bench.md"
+    doc.write_text("intro\n<!-- progressive -->\nold\n<!-- /progressive -->\nend\n")
+    update_doc(doc, rows)
+    assert doc.read_text() == f"intro\n<!-- progressive -->\n{text}\n<!-- /progressive -->\nend\n"
+    update_doc(doc, rows)  # idempotent
+    assert doc.read_text() == f"intro\n<!-- progressive -->\n{text}\n<!-- /progressive -->\nend\n"
+    bare = tmp_path / "bare.md"
+    bare.write_text("no markers\n")
+    with pytest.raises(CswapError, match="markers"):
+        update_doc(bare, rows)
+    broken = tmp_path / "broken.md"
+    broken.write_text("<!-- grid -->\n")
+    with pytest.raises(CswapError, match="/grid"):
+        update_doc(broken, rows)
+    assert broken.read_text() == "<!-- grid -->\n"
 
 
 def test_speed_bench_reports_every_lever_against_naive():

@@ -515,6 +515,67 @@ def table(rows: list[dict], targets: Sequence[float] = (0.3, 0.5, 0.7)) -> str:
     return "\n".join(lines)
 
 
+def progressive_table(rows: list[dict]) -> str:
+    """A markdown table: where each progressive run ended (its row with the most params removed)."""
+    lines = [
+        "| model | method | comp. | params removed | MACs removed | test acc (drop) | val acc "
+        "| stop | minutes |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    final: dict[tuple, dict] = {}
+    for row in rows:
+        if row["mode"] != "progressive" or row.get("note"):
+            continue
+        key = (row["model"], row["method"], row["compensate"])
+        best = final.get(key)
+        if best is None or (float(row["params_reduction"]), float(row["total_seconds"])) > (
+            float(best["params_reduction"]),
+            float(best["total_seconds"]),
+        ):
+            final[key] = row
+    for key in sorted(final):
+        row = final[key]
+        lines.append(
+            "| "
+            + " | ".join(key)
+            + f" | {float(row['params_reduction']):.1%} | {float(row['macs_reduction']):.1%}"
+            f" | {float(row['test_accuracy']):.4f} ({float(row['test_accuracy_drop']):+.4f})"
+            f" | {float(row['val_accuracy']):.4f} | {row['stop_reason']}"
+            f" | {float(row['total_seconds']) / 60:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+DOC_BLOCKS = {"progressive": progressive_table, "grid": table}
+
+
+def update_doc(path: str | Path, rows: list[dict]) -> None:
+    """Regenerate the tables between ``<!-- NAME -->`` and ``<!-- /NAME -->`` in a markdown file
+    (NAME: progressive, grid) from the rows; the prose around them is left as it is."""
+    path = Path(path)
+    if not path.is_file():
+        raise CswapError(f"{path} does not exist.", "Give the markdown file to update.")
+    text = path.read_text()
+    found = False
+    for name, make in DOC_BLOCKS.items():
+        start, end = f"<!-- {name} -->", f"<!-- /{name} -->"
+        if start not in text:
+            continue
+        if end not in text or text.index(end) < text.index(start):
+            raise CswapError(f"{path}: {start} has no {end} after it.", f"Add {end}.")
+        before, rest = text.split(start, 1)
+        _, after = rest.split(end, 1)
+        text = f"{before}{start}\n{make(rows)}\n{end}{after}"
+        found = True
+    if not found:
+        raise CswapError(
+            f"{path} has no table markers.",
+            "Put <!-- progressive --><!-- /progressive --> or <!-- grid --><!-- /grid --> "
+            "where the tables go.",
+        )
+    path.write_text(text)
+
+
 # ----------------------------------------------------------------------------- scoring speed
 
 LOOKS = (0.25, 0.5, 0.75)

@@ -46,11 +46,18 @@ def register(app: typer.Typer) -> None:
         device: DeviceOption = None,
         batch_size: BatchSizeOption = 256,
         quiet: Annotated[bool, typer.Option(help="No progress bars or info logs.")] = False,
+        docs: Annotated[
+            Path | None,
+            typer.Option(
+                help="Also regenerate the tables between <!-- progressive --> / <!-- grid --> "
+                "markers in this markdown file (e.g. docs/benchmarks.md)."
+            ),
+        ] = None,
     ) -> None:
         """Benchmark methods on models: OUT/results.csv, results.json, one PNG per model.
 
         Rerunning with the same OUT skips the rows already there."""
-        from cswap.bench import ALL_METHODS, BenchConfig, parse_list, run_bench, table
+        from cswap.bench import ALL_METHODS, BenchConfig, parse_list, run_bench, table, update_doc
         from cswap.devices import resolve_device
 
         logging.basicConfig(
@@ -78,8 +85,15 @@ def register(app: typer.Typer) -> None:
             seed=seed,
             device=resolve_device(device),
         )
+        if docs is not None and not docs.is_file():
+            from cswap.errors import CswapError
+
+            raise CswapError(f"--docs {docs} does not exist.", "Give an existing markdown file.")
         rows = run_bench(config, out, progress=not quiet, echo=typer.echo)
         typer.echo(table(rows))
+        if docs is not None:
+            update_doc(docs, rows)
+            typer.echo(f"tables updated: {docs}")
         typer.echo(f"results: {out / 'results.csv'}")
 
     @app.command("bench-speed")
