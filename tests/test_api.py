@@ -259,3 +259,15 @@ def test_unknown_method_mode_and_compensation_are_refused(trained_tiny, data):
     ):
         with pytest.raises(CswapError, match=f"Unknown {word}"):
             run(trained_tiny, data, **kwargs)
+
+
+def test_a_run_out_of_candidates_says_that_critical_units_were_never_tried(trained_tiny, data):
+    # a tolerance that accepts everything: only the categories can stop the loop before 90%
+    report = run(trained_tiny, data, target_params=0.9, tolerance=0.99, margin=0.0).report
+    assert report["stop_reason"] == "candidates_exhausted"
+    hint = [w for w in report["warnings"] if "candidates ran out" in w]
+    assert len(hint) == 1 and "--allow-critical" in hint[0]
+    critical = report["scoring_rounds"][-1]["categories"]["critical"]
+    assert critical > 0 and f"found {critical} of the" in hint[0]
+    allowed = run(trained_tiny, data, target_params=0.9, tolerance=0.99, allow_critical=True)
+    assert not [w for w in allowed.report["warnings"] if "candidates ran out" in w]

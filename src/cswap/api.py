@@ -33,6 +33,7 @@ from cswap.export import export_onnx, save_model
 from cswap.export import load as load_saved
 from cswap.report import units_arrays, write_report
 from cswap.schedule import (
+    CANDIDATES_EXHAUSTED,
     ScheduleResult,
 )
 from cswap.session import (
@@ -316,6 +317,10 @@ def prune(
         {"removed_before": removed_before, "categories": cat.counts()}
         for removed_before, cat in ranker.rounds
     ]
+    hint = _exhausted_hint(result, ranker, opts)
+    if hint:
+        log.warning(hint)
+        report["warnings"].append(hint)
     report["total_seconds"] = round(time.perf_counter() - started, 2)
     report["schedule_seconds"] = round(scoring_seconds, 2)
     return PruneResult(
@@ -393,6 +398,24 @@ def _base_report(prepared: Session, options: Options, model_spec, method, first)
         "macs_before": prepared.space.macs_total,
         "val_accuracy_before": prepared.baseline.accuracy,
     }
+
+
+def _exhausted_hint(result: ScheduleResult, ranker, options: Options) -> str | None:
+    """Why a C-SWAP run ran out of candidates, and what lifts it: the hypothesis test marks more
+    units critical as the model shrinks (their effects grow), and critical units are not tried."""
+    if result.stop_reason != CANDIDATES_EXHAUSTED or options.allow_critical:
+        return None
+    if not isinstance(ranker, CausalRanker) or not ranker.rounds:
+        return None
+    counts = ranker.rounds[-1][1].counts()
+    if not counts["critical"]:
+        return None
+    return (
+        f"The candidates ran out before the target: the last scoring found {counts['critical']} "
+        f"of the {sum(counts.values())} remaining units critical (margin={options.margin}), and "
+        "critical units are never tried. Pass allow_critical=True (--allow-critical) to let the "
+        "validated loop try them last (smallest |xi| first), or raise the margin (--margin)."
+    )
 
 
 def _prune_summary(
