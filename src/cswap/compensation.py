@@ -31,10 +31,9 @@ the equivalence stays exact).
 from __future__ import annotations
 
 import logging
-import weakref
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch_pruning as tp
@@ -59,9 +58,6 @@ class Compensation:
     grams: dict[str, torch.Tensor] | None = None
     ridge: float = 1e-3
     fallback: dict[str, str] | None = None  # lstsq: layer -> why it is mean-compensated instead
-    # lstsq: the last refit per layer, reused while that layer's removed inputs stay the same (the
-    # progressive loop changes one or two layers per step; the others need no new solve)
-    _last_refit: dict = field(default_factory=dict, repr=False)
 
     def refits(self, layer: str) -> bool:
         """Whether ``layer`` is refitted (lstsq with a Gram matrix) rather than mean-shifted."""
@@ -85,25 +81,6 @@ class Compensation:
         l theta_K), K the kept features and the bias, l = ridge * mean(diag G_KK). Removed columns
         of the returned weight are zero.
         """
-        gone_indices = tuple(sorted(set(indices)))
-        # the same parameters (weak references: a freed tensor never matches), unmodified since
-        params = [p for p in (module.weight, module.bias) if p is not None]
-        versions = (gone_indices, tuple(p._version for p in params))
-        last = self._last_refit.get(layer)
-        if (
-            last is not None
-            and last[1] == versions
-            and len(last[0]) == len(params)
-            and all(ref() is p for ref, p in zip(last[0], params, strict=True))
-        ):
-            return last[2]
-        result = self._solve(module, layer, gone_indices)
-        self._last_refit[layer] = ([weakref.ref(p) for p in params], versions, result)
-        return result
-
-    def _solve(
-        self, module: nn.Module, layer: str, indices: tuple[int, ...]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
         gram = self.grams[layer]
         weight = module.weight.detach().to("cpu", torch.float64)
         out = weight.shape[0]
@@ -116,7 +93,7 @@ class Compensation:
         )
         theta = torch.cat([flat.T, bias.view(1, -1)])  # (features + 1, out)
         gone = torch.zeros(weight.shape[1], dtype=torch.bool)
-        gone[list(indices)] = True
+        gone[sorted(set(indices))] = True
         keep = torch.cat([(~gone).repeat_interleave(per_channel), torch.tensor([True])])
         kept = keep.nonzero().squeeze(1)
         system = gram.index_select(0, kept).index_select(1, kept)
