@@ -195,8 +195,8 @@ def test_lstsq_falls_back_to_the_mean_for_a_layer_too_wide_for_its_gram_matrix()
     ).eval()
     x = torch.randn(64, 3)
     space = discover_units(model, x[:1])
-    lstsq = measure_means(model, space, x, mode="lstsq")
-    assert set(lstsq.fallback) == {"2"} and "GiB Gram matrix" in lstsq.fallback["2"]
+    lstsq = measure_means(model, space, x, mode="lstsq", memory_gb=1.0)
+    assert set(lstsq.fallback) == {"2"} and "memory budget of 1 GiB" in lstsq.fallback["2"]
     assert not lstsq.refits("2") and lstsq.refits("4")
     assert set(lstsq.grams) == {"4"}  # no 9,001^2 matrix was built
     wide = [u.id for u in space.units if u.targets[0].layer == "2"][:50]

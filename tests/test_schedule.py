@@ -2,6 +2,7 @@
 
 import itertools
 from collections import Counter
+from dataclasses import replace
 
 import pytest
 import torch
@@ -67,15 +68,84 @@ def test_macs_target_and_first_of_two_targets():
 
 
 def test_stops_when_no_chunk_passes():
-    config = ScheduleConfig(target_params=0.5, patience=3)
+    config = ScheduleConfig(target_params=0.5, patience=3, initial_chunk=0.2, oneshot_start=False)
     everything_bad = frozenset(range(len(SPACE)))
     result = run_schedule(SPACE, config, ranker(), validator(everything_bad), baseline=BASELINE)
     assert result.stop_reason == TOLERANCE_UNMET
     assert result.removed == ()
-    assert len(result.failed) == 3
-    # chunk halving: every rejected chunk is at most half the size of the one before it
+    assert len(result.failed) == 3  # patience counts isolated failures only
     sizes = [len(step.units) for step in result.steps]
+    assert sizes[0] > 4  # a real chunk was tried and halved down to single units
+    assert sum(size == 1 for size in sizes) == 3
+    # chunk halving: every rejected chunk is at most half the size of the one before it
     assert all(b <= max(1, a // 2) + 1 for a, b in itertools.pairwise(sizes))
+
+
+def test_a_harmful_unit_at_the_head_of_a_large_chunk_is_isolated_and_the_run_goes_on():
+    harmful = SPACE.units[-1].id
+    order = [harmful, *[u.id for u in SPACE.units if u.id != harmful]]
+    for start in (False, True):
+        config = ScheduleConfig(
+            target_params=0.8, initial_chunk=0.3, patience=2, oneshot_start=start
+        )
+        result = run_schedule(
+            SPACE, config, ranker(order=order), validator({harmful}), baseline=BASELINE
+        )
+        assert result.stop_reason == TARGET_REACHED
+        assert result.failed == (harmful,)
+        assert harmful not in result.removed
+        assert result.params_after <= 0.2 * SPACE.params_total
+
+
+def test_chunk_sizing_counts_a_shared_weight_once():
+    all_units = [u.id for u in SPACE.units]
+    real = SPACE.params_total - SPACE.params_after(all_units)
+    assert SPACE.prunable_params == real
+    assert sum(u.params for u in SPACE.units) > real  # a weight read by two groups, twice
+    config = ScheduleConfig(target_params=0.9, initial_chunk=0.2, oneshot_start=False)
+    result = run_schedule(SPACE, config, ranker(), validator(), baseline=BASELINE)
+    first = result.steps[0]
+    saved = SPACE.params_total - first.params
+    largest = max(u.params for u in SPACE.units)
+    assert 0.2 * real <= saved < 0.2 * real + largest
+
+
+def test_the_progressive_run_ends_at_least_as_far_as_its_oneshot_cut():
+    """Validation that rejects every partial removal between 10% and 60% (as noise near the
+    tolerance can): chunk by chunk the loop stalls, but the one-shot cut to 70% passes."""
+
+    def validate(removed):
+        params = SPACE.params_after(removed)
+        stalled = 0.4 * SPACE.params_total < params < 0.9 * SPACE.params_total
+        return Validation(0.5 if stalled else 0.9, 0.001, 1000)
+
+    config = ScheduleConfig(target_params=0.7, patience=2)
+    result = run_schedule(SPACE, config, ranker(), validate, baseline=BASELINE)
+    assert result.stop_reason == TARGET_REACHED and result.steps[0].probe
+    slow = run_schedule(
+        SPACE, replace(config, oneshot_start=False), ranker(), validate, baseline=BASELINE
+    )
+    assert slow.stop_reason == TOLERANCE_UNMET  # what the probe avoids
+
+
+def test_a_failing_oneshot_cut_backs_off_along_the_ranking_by_bisection():
+    order = [u.id for u in SPACE.units]
+    limit = 0.5 * SPACE.params_total  # the ranking is fine until half of the params are gone
+
+    def validate(removed):
+        return Validation(0.5 if SPACE.params_after(removed) < limit else 0.9, 0.001, 1000)
+
+    config = ScheduleConfig(target_params=0.8, patience=1, initial_chunk=0.01)
+    result = run_schedule(SPACE, config, ranker(order), validate, baseline=BASELINE)
+    probes = [step for step in result.steps if step.probe]
+    assert not probes[0].accepted and len(probes) >= 3
+    accepted = [step for step in probes if step.accepted]
+    full_cut = probes[0].units
+    assert accepted and accepted[-1].units == full_cut[: len(accepted[-1].units)]
+    # the longest passing prefix was found to within the resolution of the initial chunk
+    resolution = 0.01 * SPACE.prunable_params + max(u.params for u in SPACE.units)
+    assert accepted[-1].params - limit <= resolution
+    assert result.params_after >= limit
 
 
 def test_stops_when_candidates_run_out():
@@ -112,10 +182,26 @@ def test_blocks_with_round_to_start_by_rounding_the_group_down():
 
 def test_rescoring_after_each_fraction_of_params():
     calls = []
-    config = ScheduleConfig(target_params=0.5, rescore_every=0.1)
+    config = ScheduleConfig(target_params=0.5, rescore_every=0.1, oneshot_start=False)
     run_schedule(SPACE, config, ranker(calls=calls), validator(), baseline=BASELINE)
     assert calls[0] == 0 and len(calls) >= 3
     assert calls == sorted(calls)
+
+
+def test_rescorings_are_spaced_by_the_fraction_of_params():
+    seen = []
+
+    def rank(removed):
+        seen.append(SPACE.params_after(removed))
+        return ranker()(removed)
+
+    config = ScheduleConfig(target_params=0.6, rescore_every=0.15, oneshot_start=False)
+    result = run_schedule(SPACE, config, rank, validator(), baseline=BASELINE)
+    assert seen[0] == SPACE.params_total and len(seen) >= 3
+    for before, after in itertools.pairwise(seen):
+        assert before - after >= 0.15 * SPACE.params_total
+    rescored = [step for step in result.steps if step.rescored_after]
+    assert len(rescored) == len(seen) - 1
 
 
 def test_same_inputs_same_result():

@@ -54,7 +54,7 @@ log = logging.getLogger("cswap")
 METHODS = ("cswap", *CRITERIA)
 MODES = ("progressive", "oneshot")
 COMPENSATIONS = ("none", "mean", "lstsq")
-DEFAULT_COMPENSATE = "mean"
+DEFAULT_COMPENSATE = "lstsq"
 OUTPUT_FILES = (
     "report.json",
     "units.npz",
@@ -259,7 +259,8 @@ def prune(
     space = prepared.space
 
     validate = prepared.validator(compensation)
-    ranker = make_ranker(method, mode, prepared, opts, progress, compensation)
+    cost_kind = "macs" if target_params is None else "params"
+    ranker = make_ranker(method, mode, prepared, opts, progress, compensation, cost_kind)
     if mode == "oneshot":
         result = oneshot_result(space, schedule_config, ranker(()), validate, prepared.baseline)
     else:
@@ -313,6 +314,9 @@ def prune(
             prepared, space, result.removed, compensation, check_batch
         )
     report["units"] = _unit_entries(space, first, ranker.rounds, result, opts, ranker.scores)
+    report["critical_removed"] = sum(
+        1 for entry in report["units"] if entry.get("category_at_removal") == "critical"
+    )
     report["scoring_rounds"] = [
         {"removed_before": removed_before, "categories": cat.counts()}
         for removed_before, cat in ranker.rounds
@@ -413,8 +417,8 @@ def _exhausted_hint(result: ScheduleResult, ranker, options: Options) -> str | N
     return (
         f"The candidates ran out before the target: the last scoring found {counts['critical']} "
         f"of the {sum(counts.values())} remaining units critical (margin={options.margin}), and "
-        "critical units are never tried. Pass allow_critical=True (--allow-critical) to let the "
-        "validated loop try them last (smallest |xi| first), or raise the margin (--margin)."
+        "critical units are never tried (--protect-critical). Drop it (allow_critical=True, the "
+        "default) to let the validated loop try them last, or raise the margin (--margin)."
     )
 
 
@@ -468,18 +472,19 @@ def _prune_summary(
 def _scores_at_removal(rounds, result: ScheduleResult) -> dict[int, tuple[float, str]]:
     """xi and category of each removed unit in the latest scoring before its removal."""
     at_removal: dict[int, tuple[float, str]] = {}
-    removed_before = 0
+    removed: set[int] = set()
     for step in result.steps:
         if not step.accepted:
             continue
-        latest = [cat for count, cat in rounds if count <= removed_before]
+        new = [unit for unit in step.units if unit not in removed]  # a probe lists its prefix
+        latest = [cat for count, cat in rounds if count <= len(removed)]
         if latest:
             lookup = {int(u): i for i, u in enumerate(latest[-1].unit_ids)}
-            for unit in step.units:
+            for unit in new:
                 row = lookup.get(unit)
                 if row is not None:
                     at_removal[unit] = (float(latest[-1].xi[row]), str(latest[-1].categories[row]))
-        removed_before += len(step.units)
+        removed.update(new)
     return at_removal
 
 
@@ -507,6 +512,10 @@ def _unit_entries(
         entry = unit.to_dict()
         entry["xi"] = None if row is None else float(first.xi[row])
         entry["category"] = None if row is None else str(first.categories[row])
+        for name in ("log_ratio", "kl"):
+            values = None if first is None else getattr(first, name)
+            value = None if values is None or row is None else float(values[row])
+            entry[name] = value if value is None or np.isfinite(value) else None
         if first is None and scores is not None:
             entry["score"] = float(scores[unit.id])
         entry["removed_at_step"] = None

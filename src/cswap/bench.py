@@ -220,15 +220,19 @@ class _ModelBench:
         } | extra
 
 
-def _cache_path(out: Path, spec: str, method: str, compensate: str) -> Path:
+def _cache_path(out: Path, spec: str, method: str, compensate: str, options=None) -> Path:
     safe = spec.replace(":", "_").replace("/", "_")
-    scored_with = "mean" if compensate == "lstsq" else compensate  # lstsq scores with the means
-    return out / "cache" / f"{safe}__{method}__{scored_with}.json"
+    name = f"{safe}__{method}__{compensate}"
+    if method == "cswap" and options is not None:  # the order depends on the ranking options
+        rank = options.rank_config()
+        name += f"__{rank.statistic}{'_cost' if rank.per_cost else ''}"
+        name += "_cat" if rank.categories_first else ""
+    return out / "cache" / f"{name}.json"
 
 
 def _first_ranking(bench: _ModelBench, method, compensate, compensation, out: Path):
     """(oneshot ranking, progressive ranking, scoring seconds), cached on disk."""
-    path = _cache_path(out, bench.spec, method, compensate)
+    path = _cache_path(out, bench.spec, method, compensate, bench.options)
     if path.is_file():
         data = json.loads(path.read_text())
         rankings = [
@@ -246,8 +250,9 @@ def _first_ranking(bench: _ModelBench, method, compensate, compensation, out: Pa
     )
     if method == "cswap":
         categorization = ranker.categorization(())
-        full = causal_ranking(categorization, allow_critical=True)
-        progressive = causal_ranking(categorization, allow_critical=bench.options.allow_critical)
+        costs = bench.prepared.space.savings((), "params")
+        full = causal_ranking(categorization, bench.options.rank_config(True), costs)
+        progressive = causal_ranking(categorization, bench.options.rank_config(), costs)
     else:
         full = progressive = ranker(())
     seconds = time.perf_counter() - started
@@ -667,7 +672,6 @@ def speed_bench(
         options=options,
     )
     compensation = measure_compensation(prepared, compensate, options)
-    compensation = compensation and compensation.scoring_view()
     space = prepared.space
     config = options.category_config()
     results: dict[str, dict] = {}

@@ -78,6 +78,10 @@ class Categorization:
     detrimental_p_values: np.ndarray  # (units,): p of "mean over S > +margin"
     categories: np.ndarray  # (units,) of str
     config: CategoryConfig
+    # the same interventions without saturation, for ranking (NaN where not measured): mean
+    # change of the true-class log-probability, and mean KL(intact || intervened)
+    log_ratio: np.ndarray | None = None
+    kl: np.ndarray | None = None
 
     def category_of(self) -> dict[int, str]:
         return {int(u): str(c) for u, c in zip(self.unit_ids, self.categories, strict=True)}
@@ -182,20 +186,75 @@ def categorize(
         detrimental_p_values=detrimental_p,
         categories=categories.astype(object),
         config=config,
+        log_ratio=_mean_or_nan(effects.log_ratio, n_units),
+        kl=_mean_or_nan(effects.kl, n_units),
     )
 
 
-def causal_ranking(categorization: Categorization, *, allow_critical: bool = False) -> Ranking:
-    """C-SWAP's candidate order: detrimental by xi descending, then neutral by xi descending;
-    critical units only when allowed, by |xi| ascending, last."""
-    xi = dict(zip(categorization.unit_ids.tolist(), categorization.xi.tolist(), strict=True))
+def _mean_or_nan(values: np.ndarray | None, rows: int) -> np.ndarray:
+    if values is None:
+        return np.full(rows, np.nan)
+    return values.mean(axis=1)
+
+
+@dataclass(frozen=True)
+class RankConfig:
+    """How C-SWAP orders its candidates (METHOD.md 6.2; the statistic and its weighing are ours).
+
+    ``statistic``: the damage of removing a unit, measured on the same intervention as xi but
+    without saturating on confident samples: ``kl`` (mean KL divergence of the intact from the
+    intervened predictive distribution), ``logp`` (mean drop of the true-class
+    log-probability) or ``xi`` (the paper's relative change, sign flipped). ``per_cost``: divide
+    by what removing the unit saves (``costs``, parameters or MACs after the target's kind).
+    ``categories_first``: detrimental, then neutral, then critical, each in damage order; else
+    one order across categories. ``allow_critical=False`` is the paper's strict rule.
+    """
+
+    statistic: str = "kl"
+    per_cost: bool = True
+    categories_first: bool = False
+    allow_critical: bool = True
+
+    def __post_init__(self) -> None:
+        if self.statistic not in STATISTICS:
+            raise ValueError(f"statistic must be one of {STATISTICS}, got {self.statistic!r}.")
+
+
+STATISTICS = ("kl", "logp", "xi")
+
+
+def damage(categorization: Categorization, statistic: str) -> np.ndarray:
+    """Per unit, how much its removal hurts (lower is removed first)."""
+    if statistic == "xi":
+        return -categorization.xi
+    values = categorization.kl if statistic == "kl" else categorization.log_ratio
+    if values is None or np.isnan(values).any():
+        raise ValueError(f"The {statistic!r} statistic was not measured for every unit.")
+    return values if statistic == "kl" else -values
+
+
+def causal_ranking(
+    categorization: Categorization,
+    config: RankConfig | None = None,
+    costs: dict[int, float] | None = None,
+) -> Ranking:
+    """C-SWAP's candidate order by ``config`` (see RankConfig); ``costs``: per unit, what its
+    removal saves (needed with ``per_cost``; a unit saving nothing goes last)."""
+    config = config or RankConfig()
+    units = categorization.unit_ids.tolist()
+    values = damage(categorization, config.statistic)
+    key = dict(zip(units, values.tolist(), strict=True))
+    if config.per_cost:
+        if costs is None:
+            raise ValueError("per_cost ranking needs the units' costs.")
+        key = {u: (v / costs[u] if costs[u] > 0 else np.inf) for u, v in key.items()}
     category = categorization.category_of()
+    rank_of = {DETRIMENTAL: 0, NEUTRAL: 1, CRITICAL: 2}
+    allowed = [u for u in units if config.allow_critical or category[u] != CRITICAL]
 
-    def members(name: str) -> list[int]:
-        return [unit for unit in xi if category[unit] == name]
+    def sort_key(unit: int) -> tuple:
+        first = rank_of[category[unit]] if config.categories_first else 0
+        return (first, key[unit], unit)
 
-    order = sorted(members(DETRIMENTAL), key=lambda u: (-xi[u], u))
-    order += sorted(members(NEUTRAL), key=lambda u: (-xi[u], u))
-    if allow_critical:
-        order += sorted(members(CRITICAL), key=lambda u: (abs(xi[u]), u))
-    return Ranking(order=tuple(order), scores=xi, categories=category)
+    order = sorted(allowed, key=sort_key)
+    return Ranking(order=tuple(order), scores=key, categories=category)

@@ -121,6 +121,8 @@ class Checkpoint:
                         detrimental_p_values=arrays[prefix + "detrimental_p_values"],
                         categories=arrays[prefix + "categories"].astype(object),
                         config=config,
+                        log_ratio=arrays[prefix + "log_ratio"],
+                        kl=arrays[prefix + "kl"],
                     ),
                 )
             )

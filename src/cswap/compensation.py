@@ -33,7 +33,7 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch_pruning as tp
@@ -44,7 +44,45 @@ from cswap.units import UnitSpace
 
 log = logging.getLogger(__name__)
 MODES = ("none", "mean", "lstsq")
-MAX_LSTSQ_FEATURES = 8192  # a consumer's Gram matrix is (features + 1)^2 float64 values
+LSTSQ_MEMORY_GB = 4.0  # default budget for the Gram matrices and their inverses (scoring)
+
+
+@dataclass(frozen=True, eq=False)
+class RefitBasis:
+    """One consumer's ridge refit under a base removal, ready for further removals.
+
+    ``theta`` (kept features + bias, outputs) minimises a quadratic whose Hessian over the kept
+    features is H = G_KK + l I; ``inverse`` is H^-1. Constraining a further block S of features
+    to zero moves the minimiser by delta = -H^-1[:, S] (H^-1[S, S])^-1 theta_S (the constrained
+    minimum of the same quadratic), so scoring a unit under the refit that pruning will apply
+    costs a small solve of |S| x |S| instead of a refit of the whole layer.
+    """
+
+    shape: tuple[int, ...]  # the consumer's weight shape
+    per_channel: int  # features per input channel (kernel positions)
+    kept: torch.Tensor  # feature rows kept under the base removal (the bias row last)
+    inverse: torch.Tensor
+    theta: torch.Tensor
+
+    def weights(self, channels: Iterable[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight, bias) with input ``channels`` removed on top of the base removal."""
+        theta = self.theta
+        channels = sorted(set(channels))
+        if channels:
+            position = torch.full((self.shape[1] * self.per_channel + 1,), -1, dtype=torch.long)
+            position[self.kept] = torch.arange(len(self.kept))
+            offsets = torch.arange(self.per_channel)
+            features = (torch.tensor(channels).view(-1, 1) * self.per_channel + offsets).view(-1)
+            rows = position[features]
+            rows = rows[rows >= 0]  # channels the base removal already took
+            if len(rows):
+                columns = self.inverse.index_select(1, rows)
+                block = columns.index_select(0, rows)
+                theta = theta - columns @ torch.linalg.solve(block, theta.index_select(0, rows))
+                theta = theta.index_copy(0, rows, torch.zeros_like(theta.index_select(0, rows)))
+        flat = torch.zeros(self.shape[0], self.shape[1] * self.per_channel, dtype=theta.dtype)
+        flat[:, self.kept[:-1]] = theta[:-1].T
+        return flat.view(self.shape), theta[-1]
 
 
 @dataclass(frozen=True, eq=False)
@@ -58,17 +96,17 @@ class Compensation:
     grams: dict[str, torch.Tensor] | None = None
     ridge: float = 1e-3
     fallback: dict[str, str] | None = None  # lstsq: layer -> why it is mean-compensated instead
+    # lstsq: layer -> (input channels of the base removal, its refit), see ``with_base``
+    bases: dict[str, tuple[frozenset[int], RefitBasis]] | None = None
 
     def refits(self, layer: str) -> bool:
         """Whether ``layer`` is refitted (lstsq with a Gram matrix) rather than mean-shifted."""
         return self.mode == "lstsq" and self.grams is not None and layer in self.grams
 
-    def scoring_view(self) -> Compensation:
-        """What scoring intervenes with: the mean replacement (refitting the consumers for every
-        single unit would cost a linear solve per unit and consumer)."""
-        if self.mode == "mean":
-            return self
-        return Compensation(means=self.means, images=self.images)
+    def scale(self, layer: str) -> float:
+        """The ridge strength of ``layer``: ``ridge`` times the mean diagonal of its whole Gram
+        matrix (a constant of the layer, so refits of nested removals are one quadratic)."""
+        return self.ridge * float(self.grams[layer].diagonal().mean().clamp_min(1e-12))
 
     def refit(
         self, module: nn.Module, layer: str, indices: Iterable[int]
@@ -77,10 +115,38 @@ class Compensation:
         outputs on the calibration inputs, with input channels ``indices`` removed.
 
         With x~ = (unfolded input, 1) and theta = (W, b), the original output is x~ theta, so the
-        fit needs only the Gram matrix G = E[x~ x~^T]: theta_K = (G_KK + l I)^-1 (G_K: theta +
-        l theta_K), K the kept features and the bias, l = ridge * mean(diag G_KK). Removed columns
-        of the returned weight are zero.
+        fit needs only the Gram matrix G = E[x~ x~^T]: theta_K minimises
+        (theta - theta0)^T G (theta - theta0) + l |theta_K - theta0_K|^2 with theta zero outside
+        K (the kept features and the bias): theta_K = (G_KK + l I)^-1 (G_K: theta0 + l theta0_K),
+        l = ``scale(layer)``. Removed columns of the returned weight are zero.
         """
+        indices = set(indices)
+        cached = (self.bases or {}).get(layer)
+        if cached is not None and cached[0] <= indices:
+            return cached[1].weights(indices - cached[0])
+        return self.basis(module, layer, indices).weights(())
+
+    def with_base(self, model: nn.Module, space: UnitSpace, base: Iterable[int]) -> Compensation:
+        """This compensation with every refitted consumer's refit under the removal of ``base``
+        precomputed (one inverse per consumer), so that ``refit`` of ``base`` plus a few more
+        units costs no linear solve of the layer's size. Scoring rounds use it."""
+        if self.mode != "lstsq" or not self.grams:
+            return self
+        modules = dict(model.named_modules())
+        removed_inputs = {
+            layer: indices for layer, (_, indices) in consumer_indices(space, base).items()
+        }
+        layers = {target.layer for unit in space.units for target in unit.targets}
+        bases = {}
+        for layer in sorted(layers):
+            if self.refits(layer):
+                indices = frozenset(removed_inputs.get(layer, ()))
+                bases[layer] = (indices, self.basis(modules[layer], layer, indices))
+        return replace(self, bases=bases)
+
+    def basis(self, module: nn.Module, layer: str, indices: Iterable[int]) -> RefitBasis:
+        """The refit of ``module`` with input channels ``indices`` removed, kept in a form from
+        which removing further channels costs no linear solve (``RefitBasis.weights``)."""
         gram = self.grams[layer]
         weight = module.weight.detach().to("cpu", torch.float64)
         out = weight.shape[0]
@@ -96,14 +162,18 @@ class Compensation:
         gone[sorted(set(indices))] = True
         keep = torch.cat([(~gone).repeat_interleave(per_channel), torch.tensor([True])])
         kept = keep.nonzero().squeeze(1)
+        scale = self.scale(layer)
         system = gram.index_select(0, kept).index_select(1, kept)
-        scale = self.ridge * system.diagonal().mean().clamp_min(1e-12)
-        rhs = gram.index_select(0, kept) @ theta + scale * theta.index_select(0, kept)
         system = system + scale * torch.eye(len(kept), dtype=torch.float64)
-        solution = torch.linalg.solve(system, rhs)
-        new_flat = torch.zeros_like(flat)
-        new_flat[:, kept[:-1]] = solution[:-1].T
-        return new_flat.view_as(weight), solution[-1]
+        inverse = torch.linalg.inv(system)
+        rhs = gram.index_select(0, kept) @ theta + scale * theta.index_select(0, kept)
+        return RefitBasis(
+            shape=tuple(weight.shape),
+            per_channel=per_channel,
+            kept=kept,
+            inverse=inverse,
+            theta=inverse @ rhs,
+        )
 
     def delta(self, module: nn.Module, layer: str, indices: Iterable[int]) -> torch.Tensor:
         """The constant ``module`` adds to its output (per output channel / feature) from its
@@ -145,16 +215,37 @@ def check_consumers(model: nn.Module, space: UnitSpace) -> None:
 
 
 def _lstsq_unsupported(module: nn.Module) -> str | None:
-    """Why ``module`` cannot be refitted by least squares (it is mean-compensated then)."""
-    features = module.weight[0].numel()
-    if features > MAX_LSTSQ_FEATURES:
-        size = 8 * (features + 1) ** 2 / 2**30
-        return f"{features:,} inputs per output: a {size:.1f} GiB Gram matrix"
+    """Why ``module`` cannot be refitted by least squares at all (it is mean-compensated then)."""
     if isinstance(module, nn.Conv1d | nn.Conv2d) and (
         isinstance(module.padding, str) or module.padding_mode != "zeros"
     ):
         return f"padding={module.padding!r}, padding_mode={module.padding_mode!r}"
     return None
+
+
+def lstsq_fallback(modules: dict[str, nn.Module], layers, memory_gb: float) -> dict[str, str]:
+    """Layers to mean-compensate instead of refitting, with why: unsupported ones, then the
+    widest until the rest fit ``memory_gb`` (each refitted layer keeps a float64 Gram matrix of
+    (inputs per output + 1)^2 values, and scoring an inverse of the same size)."""
+    fallback = {}
+    sizes = {}
+    for layer in layers:
+        reason = _lstsq_unsupported(modules[layer])
+        if reason:
+            fallback[layer] = reason
+        else:
+            sizes[layer] = 2 * 8 * (modules[layer].weight[0].numel() + 1) ** 2 / 2**30
+    total = sum(sizes.values())
+    for layer in sorted(sizes, key=lambda name: (-sizes[name], name)):
+        if total <= memory_gb:
+            break
+        features = modules[layer].weight[0].numel()
+        fallback[layer] = (
+            f"{features:,} inputs per output: {sizes[layer]:.2f} GiB of Gram matrix and inverse "
+            f"would exceed the lstsq memory budget of {memory_gb:g} GiB (lstsq_memory_gb)"
+        )
+        total -= sizes[layer]
+    return fallback
 
 
 def _features(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -186,6 +277,7 @@ def measure_means(
     device: str = "cpu",
     mode: str = "mean",
     ridge: float = 1e-3,
+    memory_gb: float = LSTSQ_MEMORY_GB,
 ) -> Compensation:
     """Mean input of every consumer layer over ``images`` (the unpruned model, eval mode); with
     ``mode="lstsq"`` also each consumer's input Gram matrix."""
@@ -198,10 +290,7 @@ def measure_means(
     dims = {target.layer: target.dim for unit in space.units for target in unit.targets}
     fallback: dict[str, str] = {}
     if mode == "lstsq":
-        for layer in dims:
-            reason = _lstsq_unsupported(modules[layer])
-            if reason:
-                fallback[layer] = reason
+        fallback = lstsq_fallback(modules, dims, memory_gb)
         for layer, reason in sorted(fallback.items()):
             log.warning("lstsq compensation: %s is mean-compensated instead (%s)", layer, reason)
     sums: dict[str, torch.Tensor] = {}

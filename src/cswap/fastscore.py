@@ -179,6 +179,8 @@ def fast_categorize(
         sure = (guessed.categories == CRITICAL) & (
             guessed.class_means.min(axis=1) < -fast.screen_factor * config.margin
         )
+        # a screened unit's damage is not measured, only known to be large: it ranks last
+        guessed = replace(guessed, log_ratio=guessed.xi, kl=np.full(len(units), np.inf))
         for row in np.flatnonzero(sure):
             decided[int(units[row])] = _entry(guessed, row)
         screened = int(sure.sum())
@@ -190,6 +192,8 @@ def fast_categorize(
     # taken at alpha per look (it guards against missing a critical unit, not a false one)
     neutral_alpha = early_alpha if early_alpha > 0 else config.alpha / max(1, len(looks))
     effects = np.zeros((len(space), 0))
+    log_ratio = np.zeros((len(space), 0))
+    kl = np.zeros((len(space), 0))
     baseline = np.zeros(0)
     seen = 0
     exact = 0
@@ -211,12 +215,19 @@ def fast_categorize(
             **scoring,
         )
         exact += len(active) * (upto - seen)
-        block = np.zeros((len(space), upto - seen))
-        block[active] = part.relative_effects
-        effects = np.concatenate([effects, block], axis=1)
+        effects = _extend(effects, active, part.relative_effects)
+        log_ratio = _extend(log_ratio, active, part.log_ratio)
+        kl = _extend(kl, active, part.kl)
         baseline = np.concatenate([baseline, part.baseline])
         seen = upto
-        so_far = CausalEffects(np.asarray(active), effects[active], label_array[:seen], baseline)
+        so_far = CausalEffects(
+            np.asarray(active),
+            effects[active],
+            label_array[:seen],
+            baseline,
+            log_ratio=log_ratio[active],
+            kl=kl[active],
+        )
         if seen < n and _classes_testable(label_array, seen, config.min_class_size):
             verdict = categorize(so_far, replace(config, alpha=early_alpha or config.alpha))
             critical = (verdict.categories == CRITICAL) & (early_alpha > 0)
@@ -242,6 +253,13 @@ def fast_categorize(
         screened=screened,
         settled_early=settled_early,
     )
+
+
+def _extend(columns: np.ndarray, rows: list[int], values: np.ndarray) -> np.ndarray:
+    """``columns`` (all units, samples so far) with the next samples' ``values`` of ``rows``."""
+    block = np.zeros((len(columns), values.shape[1]))
+    block[rows] = values
+    return np.concatenate([columns, block], axis=1)
 
 
 def _classes_testable(labels: np.ndarray, seen: int, min_class_size: int) -> bool:
@@ -323,6 +341,8 @@ def _entry(categorization: Categorization, row: int) -> tuple:
         categorization.class_p_values[row],
         float(categorization.detrimental_p_values[row]),
         str(categorization.categories[row]),
+        float(categorization.log_ratio[row]),
+        float(categorization.kl[row]),
     )
 
 
@@ -334,9 +354,13 @@ def _assemble(units, decided, config, labels) -> Categorization:
     classes = np.asarray([label for label, _ in groups_to_test(labels, config.min_class_size)])
     means = np.full((len(units), len(classes)), np.nan)
     p_values = np.full((len(units), len(classes)), np.nan)
-    xi, det, categories = [], [], []
+    xi, det, categories, log_ratio, kl = [], [], [], [], []
     for row, unit in enumerate(units):
-        unit_xi, tested, unit_means, unit_p, unit_det, category = decided[int(unit)]
+        unit_xi, tested, unit_means, unit_p, unit_det, category, unit_log, unit_kl = decided[
+            int(unit)
+        ]
+        log_ratio.append(unit_log)
+        kl.append(unit_kl)
         for column, label in enumerate(tested):
             where = np.flatnonzero(classes == label)
             if len(where):
@@ -354,4 +378,6 @@ def _assemble(units, decided, config, labels) -> Categorization:
         detrimental_p_values=np.asarray(det),
         categories=np.asarray(categories, dtype=object),
         config=config,
+        log_ratio=np.asarray(log_ratio),
+        kl=np.asarray(kl),
     )

@@ -153,6 +153,46 @@ def _blocked_shift_hook(dim: int, deltas: torch.Tensor):
     return hook
 
 
+def _blocked_refit_hook(weights: torch.Tensor, biases: torch.Tensor):
+    """Copy j of the stacked batch computed with its own refitted (lstsq) weights."""
+
+    def hook(module: nn.Module, inputs: tuple, _output: torch.Tensor) -> torch.Tensor:
+        x = inputs[0]
+        k = weights.shape[0]
+        blocks = x.reshape(k, x.shape[0] // k, *x.shape[1:])
+        outputs = []
+        for block, weight, bias in zip(blocks, weights.to(x), biases.to(x), strict=True):
+            if isinstance(module, nn.Linear):
+                outputs.append(nn.functional.linear(block, weight, bias))
+            else:
+                outputs.append(module._conv_forward(block, weight, bias))
+        return torch.cat(outputs)
+
+    return hook
+
+
+def _copy_hooks(module, layer, dim, rows, compensation):
+    """Hooks for one consumer of ``removed_each``: ``rows[j]`` the input indices copy j loses."""
+    keep = torch.ones(len(rows), module.weight.shape[1])
+    for row, indices in enumerate(rows):
+        if indices:
+            keep[row, indices] = 0.0
+    hooks = [("pre", _blocked_mask_hook(dim, keep))]
+    if compensation is None:
+        return hooks
+    if compensation.refits(layer):
+        fits = [compensation.refit(module, layer, indices) for indices in rows]
+        weights = torch.stack([weight for weight, _ in fits])
+        biases = torch.stack([bias for _, bias in fits])
+        return [*hooks, ("post", _blocked_refit_hook(weights, biases))]
+    deltas = torch.zeros(len(rows), module.weight.shape[0], dtype=torch.float64)
+    for row, indices in enumerate(rows):
+        if indices:
+            deltas[row] = compensation.delta(module, layer, indices)
+    out_dim = 1 if dim == 1 else -1
+    return [*hooks, ("post", _blocked_shift_hook(out_dim, deltas))]
+
+
 @contextmanager
 def removed_each(
     model: nn.Module,
@@ -162,42 +202,28 @@ def removed_each(
     compensation: Compensation | None = None,
 ) -> Iterator[nn.Module]:
     """Batched interventions: the model's input is ``len(units)`` stacked copies of a batch, and
-    copy j computes with ``base`` and ``units[j]`` removed (the same masks and compensation as
-    ``removed``, applied per copy). ``lstsq`` compensations intervene with their means here, as
-    scoring does.
+    copy j computes with ``base`` and ``units[j]`` removed: the same masks and compensation
+    (mean shift or lstsq refit) as ``removed``, applied per copy.
     """
-    if compensation is not None:
-        compensation = compensation.scoring_view()
     modules = dict(model.named_modules())
-    k = len(units)
     base_indices = consumer_indices(space, base)
     unit_indices = [consumer_indices(space, [unit]) for unit in units]
     touched = set(base_indices).union(*unit_indices)
-    per_layer: dict[str, tuple[int, torch.Tensor, torch.Tensor | None]] = {}
-    for layer in touched:
-        module = modules[layer]
-        dim, common = base_indices.get(layer, (None, []))
-        keep = torch.ones(k, module.weight.shape[1])
-        deltas = None
-        if compensation is not None:
-            deltas = torch.zeros(k, module.weight.shape[0], dtype=torch.float64)
-        for row, own in enumerate(unit_indices):
-            own_dim, extra = own.get(layer, (dim, []))
-            dim = own_dim if own_dim is not None else dim
-            indices = sorted(set(common) | set(extra))
-            if indices:
-                keep[row, indices] = 0.0
-                if compensation is not None:
-                    deltas[row] = compensation.delta(module, layer, indices)
-        per_layer[layer] = (dim, keep, deltas)
     handles = []
     try:
-        for layer, (dim, keep, deltas) in per_layer.items():
+        for layer in sorted(touched):
             module = modules[layer]
-            handles.append(module.register_forward_pre_hook(_blocked_mask_hook(dim, keep)))
-            if deltas is not None:
-                out_dim = 1 if dim == 1 else -1
-                handles.append(module.register_forward_hook(_blocked_shift_hook(out_dim, deltas)))
+            dim, common = base_indices.get(layer, (None, []))
+            rows = []
+            for own in unit_indices:
+                own_dim, extra = own.get(layer, (dim, []))
+                dim = own_dim if own_dim is not None else dim
+                rows.append(sorted(set(common) | set(extra)))
+            for kind, hook in _copy_hooks(module, layer, dim, rows, compensation):
+                if kind == "pre":
+                    handles.append(module.register_forward_pre_hook(hook))
+                else:
+                    handles.append(module.register_forward_hook(hook))
         yield model
     finally:
         for handle in handles:

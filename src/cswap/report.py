@@ -38,7 +38,13 @@ def units_arrays(categorization: Categorization) -> dict[str, np.ndarray]:
         "class_p_values": categorization.class_p_values,
         "detrimental_p_values": categorization.detrimental_p_values,
         "categories": categorization.categories.astype(str),
+        "log_ratio": _or_nan(categorization.log_ratio, len(categorization.unit_ids)),
+        "kl": _or_nan(categorization.kl, len(categorization.unit_ids)),
     }
+
+
+def _or_nan(values: np.ndarray | None, rows: int) -> np.ndarray:
+    return np.full(rows, np.nan) if values is None else values
 
 
 def write_report(directory: Path, report: dict, arrays: dict[str, np.ndarray]) -> None:

@@ -59,6 +59,9 @@ class ScheduleConfig:
     min_keep: int = 1
     patience: int = 8
     max_steps: int = 10_000
+    # validate the one-shot cut of the first ranking first, back off by bisection, go on from
+    # there: a progressive run never ends below its own one-shot cut
+    oneshot_start: bool = True
     # intermediate params-removed fractions a chunk must not jump over (benchmarks record the
     # model at each one); the run still stops only at the target
     milestones: tuple[float, ...] = ()
@@ -107,6 +110,7 @@ class Step:
     val_accuracy: float
     paired_se: float
     rescored_after: bool = False
+    probe: bool = False  # a trial of a prefix of the first ranking (the one-shot start)
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -239,6 +243,11 @@ def run_schedule(
     threshold = baseline.accuracy - config.tolerance
     ranking = rank(state.removed)
     blocks = _fresh_blocks(space, ranking, state, config)
+    if config.oneshot_start and not state.steps and not state.removed:
+        state, ranking = _oneshot_start(
+            space, config, rank, ranking, validate, threshold, state, on_step
+        )
+        blocks = _fresh_blocks(space, ranking, state, config)
     stop_reason = CANDIDATES_EXHAUSTED
     while True:
         if target_reached(space, config, state.removed):
@@ -269,7 +278,7 @@ def run_schedule(
             state = replace(
                 state,
                 removed=trial,
-                chunk_params=2 * max(state.chunk_params, _params_of(space, chunk)),
+                chunk_params=2 * max(state.chunk_params, space.params_of(chunk, trial)),
                 consecutive_failures=0,
                 block_limit=0,
             )
@@ -287,12 +296,12 @@ def run_schedule(
                 block_limit=0,
             )
         else:
-            # retry with the first half of the chunk: strictly fewer blocks, so it terminates
+            # retry with the first half of the chunk: strictly fewer blocks, so it terminates.
+            # Halving is not a failure: only an isolated unit that fails counts toward patience.
             state = replace(
                 state,
-                chunk_params=_params_of(space, chunk) / 2,
+                chunk_params=space.params_of(chunk, state.removed) / 2,
                 block_limit=len(chunk_blocks) // 2,
-                consecutive_failures=state.consecutive_failures + 1,
             )
         state = replace(state, steps=(*state.steps, step))
         # The candidates follow from the ranking and what is removed or failed: recomputing them
@@ -323,8 +332,67 @@ def run_schedule(
     )
 
 
-def _params_of(space: UnitSpace, units: Sequence[int]) -> int:
-    return sum(space.units[unit].params for unit in units)
+def _oneshot_start(space, config, rank, ranking, validate, threshold, state, on_step):
+    """Validate the one-shot cut of ``ranking`` (to the target, or to the first milestone); when
+    it fails, bisect along the ranking for the longest prefix that passes, down to the initial
+    chunk's size. Probe steps list the whole prefix they tried; the loop goes on from the
+    longest prefix accepted."""
+    ends = _prefixes(space, config, _fresh_blocks(space, ranking, state, config))
+    resolution = config.initial_chunk * max(1, space.prunable_params)
+    low, high = 0, len(ends) - 1
+    probe = high
+    while probe > low:
+        units = ends[probe]
+        validation = validate(units)
+        step = Step(
+            index=len(state.steps),
+            units=units,
+            accepted=validation.accuracy >= threshold,
+            params=space.params_after(units),
+            macs=space.macs_after(units),
+            val_accuracy=validation.accuracy,
+            paired_se=validation.paired_se,
+            probe=True,
+        )
+        if step.accepted:
+            low = probe
+        else:
+            high = probe
+        gap = space.params_after(ends[low]) - space.params_after(ends[high])
+        last = low == high or high - low <= 1 or gap <= resolution
+        new_ranking = None
+        if step.accepted and last and _rescore_due(space, config, state, ends[low]):
+            new_ranking = ranking = rank(ends[low])
+            step = replace(step, rescored_after=True)
+            state = replace(state, params_at_last_ranking=space.params_after(ends[low]))
+        state = replace(state, removed=ends[low], steps=(*state.steps, step))
+        if on_step is not None:
+            on_step(state, step, new_ranking)
+        probe = low if last else (low + high) // 2
+    return state, ranking
+
+
+def _prefixes(space, config, blocks) -> list[tuple[int, ...]]:
+    """The cumulative removals along ``blocks``, from nothing up to the one-shot cut."""
+    ends: list[tuple[int, ...]] = [()]
+    for block in blocks:
+        if target_reached(space, config, ends[-1]) or _past_milestone(space, config, ends[-1]):
+            break
+        ends.append((*ends[-1], *block))
+    return ends
+
+
+def _rescore_due(space, config, state, removed) -> bool:
+    gone = state.params_at_last_ranking - space.params_after(removed)
+    return gone >= config.rescore_every * space.params_total and not target_reached(
+        space, config, removed
+    )
+
+
+def _past_milestone(space, config, removed) -> bool:
+    """``removed`` has reached the first milestone (benchmarks record the model there)."""
+    first = min(config.milestones, default=None)
+    return first is not None and space.params_after(removed) <= _limit(space, first)
 
 
 def _fresh_blocks(space, ranking, state, config) -> list[tuple[int, ...]]:
@@ -336,13 +404,13 @@ def _fresh_blocks(space, ranking, state, config) -> list[tuple[int, ...]]:
 def _take_chunk(space, config, blocks, state) -> list[tuple[int, ...]]:
     """Leading blocks worth about ``chunk_params`` parameters, trimmed at the target."""
     chunk: list[tuple[int, ...]] = []
-    total = 0
     removed = list(state.removed)
+    start = space.params_after(removed)
     milestone = next_milestone(space, config, removed)
     for block in blocks:
         chunk.append(block)
-        total += _params_of(space, block)
         removed.extend(block)
+        total = start - space.params_after(removed)  # shared weights count once
         if total >= state.chunk_params or target_reached(space, config, removed):
             break
         if milestone is not None and space.params_after(removed) <= _limit(space, milestone):

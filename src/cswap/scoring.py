@@ -35,10 +35,25 @@ class CausalEffects:
     relative_effects: np.ndarray
     labels: np.ndarray
     baseline: np.ndarray  # sigma(x) of the model the effects are relative to
+    # the same interventions measured without saturation (ranking): change of the true-class
+    # log-probability, and KL(intact || intervened) of the predictive distributions
+    log_ratio: np.ndarray | None = None
+    kl: np.ndarray | None = None
 
     @property
     def xi(self) -> np.ndarray:
         return self.relative_effects.mean(axis=1)
+
+    def subset(self, rows: np.ndarray) -> CausalEffects:
+        """The effects of the units at ``rows`` only."""
+        return CausalEffects(
+            unit_ids=self.unit_ids[rows],
+            relative_effects=self.relative_effects[rows],
+            labels=self.labels,
+            baseline=self.baseline,
+            log_ratio=None if self.log_ratio is None else self.log_ratio[rows],
+            kl=None if self.kl is None else self.kl[rows],
+        )
 
 
 def _cut_layer(space: UnitSpace, unit_id: int, runner: SuffixRunner | None) -> str | None:
@@ -51,9 +66,49 @@ def _cut_layer(space: UnitSpace, unit_id: int, runner: SuffixRunner | None) -> s
     return min(layers, key=lambda layer: runner.cut_index[layer])
 
 
-def _true_class(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    probabilities = torch.softmax(logits, dim=1)
-    return probabilities.gather(1, labels.view(-1, 1)).squeeze(1).cpu()
+def _log_probabilities(logits: torch.Tensor) -> np.ndarray:
+    return torch.log_softmax(logits.to(torch.float64), dim=1).cpu().numpy()
+
+
+class _Outcomes:
+    """Per unit and sample: the true-class probability, its log-ratio to the intact model and
+    the KL divergence of the predictive distributions, filled batch by batch."""
+
+    def __init__(self, units: int, samples: int, labels: np.ndarray) -> None:
+        self.labels = labels
+        self.baseline_log = np.empty(samples, dtype=np.float64)
+        self.intervened_log = np.empty((units, samples), dtype=np.float64)
+        self.kl = np.empty((units, samples), dtype=np.float64)
+        self.reference: np.ndarray | None = None  # log-probabilities of the current batch
+
+    def set_baseline(self, start: int, logits: torch.Tensor) -> None:
+        self.reference = _log_probabilities(logits)
+        rows = np.arange(len(self.reference))
+        self.baseline_log[start : start + len(rows)] = self.reference[
+            rows, self.labels[start : start + len(rows)]
+        ]
+
+    def add(self, row: int, start: int, logits: torch.Tensor) -> None:
+        log_p = _log_probabilities(logits)
+        size = len(log_p)
+        labels = self.labels[start : start + size]
+        self.intervened_log[row, start : start + size] = log_p[np.arange(size), labels]
+        reference = self.reference
+        self.kl[row, start : start + size] = (np.exp(reference) * (reference - log_p)).sum(1)
+
+    def effects(self, units: list[int]) -> CausalEffects:
+        baseline = np.exp(self.baseline_log)
+        # A true-class probability that underflows to 0 would make r infinite.
+        safe_baseline = np.maximum(baseline, np.finfo(np.float64).tiny)
+        effects = (np.exp(self.intervened_log) - baseline) / safe_baseline
+        return CausalEffects(
+            unit_ids=np.asarray(units, dtype=np.int64),
+            relative_effects=effects,
+            labels=self.labels,
+            baseline=baseline,
+            log_ratio=self.intervened_log - self.baseline_log,
+            kl=np.maximum(self.kl, 0.0),
+        )
 
 
 class _ActivationMeter:
@@ -158,8 +213,9 @@ def causal_effects(
     by_cut: dict[str | None, list[int]] = {}
     for row, cut in enumerate(cuts):
         by_cut.setdefault(cut, []).append(row)
-    baseline = np.empty(len(images), dtype=np.float64)
-    intervened = np.empty((len(units), len(images)), dtype=np.float64)
+    outcomes = _Outcomes(len(units), len(images), labels.numpy().astype(np.int64))
+    if compensation is not None:
+        compensation = compensation.with_base(model, space, already)
     per_pass = units_per_pass
     if per_pass is None:
         per_pass = 1 if torch.device(device).type == "cpu" else 0
@@ -167,8 +223,6 @@ def causal_effects(
         with torch.no_grad():
             for start in range(0, len(images), batch_size):
                 batch = images[start : start + batch_size].to(device)
-                target = labels[start : start + batch_size].to(device)
-                stop = start + len(batch)
                 with removed(model, space, already, compensation), _ActivationMeter(model) as meter:
                     if runner is not None:
                         logits, caches = runner.full(batch)
@@ -178,11 +232,11 @@ def causal_effects(
                     per_image = max(1, meter.elements // len(batch)) * batch.element_size()
                     per_pass = int(memory_budget_mb * 2**20 // (per_image * len(batch)))
                     per_pass = max(1, min(64, per_pass))
-                baseline[start:stop] = _true_class(logits, target).to(torch.float64).numpy()
+                outcomes.set_baseline(start, logits)
                 for cut, rows in by_cut.items():
                     for first in range(0, len(rows), per_pass):
                         chunk = rows[first : first + per_pass]
-                        for row, probability in _intervene(
+                        for row, intervened_logits in _intervene(
                             model,
                             space,
                             runner,
@@ -194,19 +248,9 @@ def causal_effects(
                             caches,
                             compensation,
                         ):
-                            intervened[row, start:stop] = (
-                                _true_class(probability, target).to(torch.float64).numpy()
-                            )
+                            outcomes.add(row, start, intervened_logits)
                             if progress is not None:
                                 progress(len(batch) / len(images))
     finally:
         model.train(was_training)
-    # A true-class probability that underflows to 0 would make r infinite.
-    safe_baseline = np.maximum(baseline, np.finfo(np.float64).tiny)
-    effects = (intervened - baseline) / safe_baseline
-    return CausalEffects(
-        unit_ids=np.asarray(units, dtype=np.int64),
-        relative_effects=effects,
-        labels=labels.numpy().astype(np.int64),
-        baseline=baseline,
-    )
+    return outcomes.effects(units)

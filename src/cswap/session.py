@@ -22,7 +22,14 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from cswap.adapters import canonicalize
-from cswap.categorize import Categorization, CategoryConfig, Ranking, categorize, causal_ranking
+from cswap.categorize import (
+    Categorization,
+    CategoryConfig,
+    RankConfig,
+    Ranking,
+    categorize,
+    causal_ranking,
+)
 from cswap.checkpoint import Checkpoint
 from cswap.compensation import Compensation, measure_means
 from cswap.criteria import criterion_scores, ranking_from_scores
@@ -59,7 +66,12 @@ class Options:
     correction_scope: str = "classes"
     min_class_size: int = 5
     correct_only: bool = True
-    allow_critical: bool = False
+    allow_critical: bool = True  # False: the paper's strict rule (--protect-critical)
+    rank_by: str = "kl"  # kl | logp | xi: the damage statistic that orders candidates
+    rank_per_cost: bool = True  # damage per parameter (or MAC) saved
+    rank_categories_first: bool = False
+    oneshot_start: bool = True
+    lstsq_memory_gb: float = 4.0
     ignored_layers: tuple[str, ...] = ()
     round_to: int = 1
     min_keep: int = 1
@@ -105,6 +117,15 @@ class Options:
             patience=self.patience,
             max_steps=self.max_steps,
             milestones=self.milestones,
+            oneshot_start=self.oneshot_start,
+        )
+
+    def rank_config(self, allow_critical: bool | None = None) -> RankConfig:
+        return RankConfig(
+            statistic=self.rank_by,
+            per_cost=self.rank_per_cost,
+            categories_first=self.rank_categories_first,
+            allow_critical=self.allow_critical if allow_critical is None else allow_critical,
         )
 
     def to_dict(self) -> dict:
@@ -327,12 +348,15 @@ class CausalRanker:
         progress: bool,
         compensation: Compensation | None = None,
         allow_critical: bool | None = None,
+        cost_kind: str = "params",
     ) -> None:
         self.prepared = prepared
         self.options = options
         self.progress = progress
         self.compensation = compensation
-        self.allow_critical = options.allow_critical if allow_critical is None else allow_critical
+        self.rank_config = options.rank_config(allow_critical)
+        self.allow_critical = self.rank_config.allow_critical
+        self.cost_kind = cost_kind
         self.rounds: list[tuple[int, Categorization]] = []  # (units removed before, result)
         self.preset: Ranking | None = None
         self.scores: np.ndarray | None = None
@@ -341,7 +365,7 @@ class CausalRanker:
         prepared = self.prepared
         options = self.options
         remaining = len(prepared.space) - len(removed)
-        compensation = self.compensation and self.compensation.scoring_view()
+        compensation = self.compensation
         scoring = {
             "batch_size": options.batch_size,
             "device": prepared.device,
@@ -386,7 +410,8 @@ class CausalRanker:
             ranking, self.preset = self.preset, None
             return ranking
         categorization = self.categorization(removed)
-        return causal_ranking(categorization, allow_critical=self.allow_critical)
+        costs = self.prepared.space.savings(removed, self.cost_kind)
+        return causal_ranking(categorization, self.rank_config, costs)
 
 
 class CriterionRanker:
@@ -421,10 +446,15 @@ def make_ranker(
     options: Options,
     progress: bool,
     compensation: Compensation | None,
+    cost_kind: str = "params",
 ):
+    """The ranker of ``method``; ``cost_kind`` (params or macs, after the target) weighs the
+    causal damage per unit saved."""
     if method == "cswap":
         allow = True if mode == "oneshot" else None
-        return CausalRanker(prepared, options, progress, compensation, allow_critical=allow)
+        return CausalRanker(
+            prepared, options, progress, compensation, allow_critical=allow, cost_kind=cost_kind
+        )
     return CriterionRanker(method, prepared, options)
 
 
@@ -440,6 +470,7 @@ def measure_compensation(
         batch_size=options.batch_size,
         device=prepared.device,
         mode=compensate,
+        memory_gb=options.lstsq_memory_gb,
     )
 
 
@@ -496,6 +527,10 @@ def make_options(overrides: dict[str, Any]) -> Options:
             overrides = overrides | {name: tuple(overrides[name])}
     options = Options(**overrides)
     options.category_config()  # validates the test settings
+    try:
+        options.rank_config()
+    except ValueError as error:
+        raise CswapError(str(error), "use --rank-by kl, logp or xi.") from error
     try:
         options.fast_config()
     except ValueError as error:

@@ -115,7 +115,41 @@ class UnitSpace:
 
     @property
     def prunable_params(self) -> int:
-        return sum(unit.params for unit in self.units)
+        """Parameters that all units together carry (a weight shared by a group counts once)."""
+        return self.params_total - self.params_after(unit.id for unit in self.units)
+
+    def params_of(self, units: Iterable[int], removed: Iterable[int] = ()) -> int:
+        """Parameters that removing ``units`` on top of ``removed`` really saves."""
+        removed = set(removed)
+        return self.params_after(removed) - self.params_after(removed | set(units))
+
+    def savings(self, removed: Iterable[int], kind: str = "params") -> dict[int, float]:
+        """For every unit not in ``removed``: the parameters (or MACs) its removal alone saves
+        from the model with ``removed`` gone (exact for the accounting terms)."""
+        removed = set(removed)
+        fractions = self._kept_fractions(removed)
+        terms = self.param_terms if kind == "params" else self.mac_terms
+        by_dim: dict[tuple[str, str], list[int]] = defaultdict(list)
+        for position, term in enumerate(terms):
+            for dim in term.dims:
+                by_dim[dim].append(position)
+        result = {}
+        for unit in self.units:
+            if unit.id in removed:
+                continue
+            change = {key: count / self.dim_sizes[key] for key, count in self.unit_dims[unit.id]}
+            touched = {position for key in change for position in by_dim[key]}
+            total = 0.0
+            for position in touched:
+                term = terms[position]
+                before = after = float(term.amount)
+                for dim in term.dims:
+                    kept = fractions.get(dim, 1.0)
+                    before *= kept
+                    after *= max(0.0, kept - change.get(dim, 0.0))
+                total += before - after
+            result[unit.id] = total
+        return result
 
     def _kept_fractions(self, removed: Iterable[int]) -> dict[tuple[str, str], float]:
         gone: dict[tuple[str, str], int] = defaultdict(int)

@@ -182,8 +182,8 @@ def register(app: typer.Typer) -> None:
         compensate: Annotated[
             str | None,
             typer.Option(
-                help="mean (fold removed units' mean activation), lstsq (refit the reading "
-                "layers by ridge least squares) or none. Default: mean."
+                help="lstsq (refit the reading layers by ridge least squares), mean (fold "
+                "removed units' mean activation) or none. Default: lstsq."
             ),
         ] = None,
         calib_per_class: Annotated[int, typer.Option(help="Calibration images per class.")] = 50,
@@ -214,8 +214,28 @@ def register(app: typer.Typer) -> None:
             bool, typer.Option(help="Calibrate on correctly classified images only.")
         ] = True,
         allow_critical: Annotated[
-            bool, typer.Option(help="Let critical units be removed (last).")
+            bool,
+            typer.Option(
+                "--allow-critical/--protect-critical",
+                help="Critical units become candidates (last, smallest damage first) when the "
+                "target needs them; --protect-critical keeps the paper's strict rule.",
+            ),
+        ] = True,
+        rank_by: Annotated[
+            str, typer.Option(help="Ranking statistic: kl, logp or xi (see docs/method.md).")
+        ] = "kl",
+        rank_per_cost: Annotated[
+            bool, typer.Option(help="Divide the damage by the params / MACs a unit saves.")
+        ] = True,
+        rank_categories_first: Annotated[
+            bool, typer.Option(help="Order detrimental, neutral, critical, then by damage.")
         ] = False,
+        oneshot_start: Annotated[
+            bool, typer.Option(help="Progressive: validate the one-shot cut first.")
+        ] = True,
+        lstsq_memory_gb: Annotated[
+            float, typer.Option(help="Memory budget of lstsq Gram matrices (GiB).")
+        ] = 4.0,
         ignore: Annotated[list[str], typer.Option(help="Layer never to prune.")] = [],  # noqa: B006
         round_to: Annotated[int, typer.Option(help="Keep unit counts a multiple of this.")] = 1,
         initial_chunk: Annotated[
@@ -283,6 +303,11 @@ def register(app: typer.Typer) -> None:
                 "min_class_size": min_class_size,
                 "correct_only": correct_only,
                 "allow_critical": allow_critical,
+                "rank_by": rank_by,
+                "rank_per_cost": rank_per_cost,
+                "rank_categories_first": rank_categories_first,
+                "oneshot_start": oneshot_start,
+                "lstsq_memory_gb": lstsq_memory_gb,
                 "ignored_layers": tuple(ignore),
                 "round_to": round_to,
                 "initial_chunk": initial_chunk,

@@ -1,0 +1,169 @@
+"""Scoring under lstsq compensation measures the removal that pruning applies.
+
+The oracle is written independently of cswap's refit: it records each consumer's inputs on the
+unpruned model, solves the ridge problem as a stacked least-squares system with numpy, writes the
+refitted weights into a copy of the model and runs it. The closed-form update cswap scores with
+(one inverse per consumer per round) must agree with it in float64, on every scoring path.
+"""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from conftest import TinyNet, randomize_batchnorm
+from cswap.compensation import measure_means
+from cswap.intervene import consumer_masks, hook_count, removed_each
+from cswap.scoring import causal_effects
+from cswap.units import discover_units
+
+RIDGE = 1e-3
+
+
+def _inputs(model, layers, images):
+    """Each layer's input on ``images`` (the unpruned model)."""
+    found = {}
+    handles = [
+        model.get_submodule(layer).register_forward_pre_hook(
+            lambda _m, inputs, layer=layer: found.__setitem__(layer, inputs[0].detach().clone())
+        )
+        for layer in layers
+    ]
+    with torch.no_grad():
+        model(images)
+    for handle in handles:
+        handle.remove()
+    return found
+
+
+def _rows(module, x):
+    if isinstance(module, nn.Linear):
+        rows = x.reshape(-1, x.shape[-1])
+    else:
+        patches = nn.functional.unfold(
+            x, module.kernel_size, module.dilation, module.padding, module.stride
+        )
+        rows = patches.transpose(1, 2).reshape(-1, patches.shape[1])
+    return np.concatenate([rows.numpy(), np.ones((len(rows), 1))], axis=1)
+
+
+def _oracle_model(model, space, units, inputs):
+    """A copy of ``model`` whose consumers of ``units`` are refitted by numpy least squares."""
+    copy_ = copy.deepcopy(model)
+    for (layer, _dim), indices in consumer_masks(space, units).items():
+        module = copy_.get_submodule(layer)
+        rows = _rows(module, inputs[layer])
+        weight = module.weight.detach().numpy()
+        flat = weight.reshape(weight.shape[0], -1)
+        per_channel = flat.shape[1] // weight.shape[1]
+        bias = module.bias.detach().numpy() if module.bias is not None else np.zeros(len(flat))
+        theta = np.concatenate([flat.T, bias[None, :]])
+        gone = np.zeros(weight.shape[1], dtype=bool)
+        gone[sorted(set(indices))] = True
+        keep = np.concatenate([np.repeat(~gone, per_channel), [True]])
+        scale = RIDGE * (rows**2).sum(0).mean() / len(rows)
+        a = rows / np.sqrt(len(rows))
+        system = np.concatenate([a[:, keep], np.sqrt(scale) * np.eye(keep.sum())])
+        target = np.concatenate([a @ theta, np.sqrt(scale) * theta[keep]])
+        solution = np.linalg.lstsq(system, target, rcond=None)[0]
+        new = np.zeros_like(flat)
+        new[:, keep[:-1]] = solution[:-1].T
+        with torch.no_grad():
+            module.weight.copy_(torch.from_numpy(new.reshape(weight.shape)))
+            if module.bias is None:
+                module.bias = nn.Parameter(torch.zeros(len(flat), dtype=torch.float64))
+            module.bias.copy_(torch.from_numpy(solution[-1]))
+    return copy_
+
+
+def _true_class(model, images, labels):
+    with torch.no_grad():
+        return torch.softmax(model(images), 1).gather(1, labels.view(-1, 1)).squeeze(1).numpy()
+
+
+@pytest.fixture(scope="module")
+def setting():
+    torch.manual_seed(3)
+    model = randomize_batchnorm(TinyNet(width=4)).double().eval()
+    images = torch.randn(24, 1, 14, 14, dtype=torch.float64)
+    labels = torch.arange(24) % 10
+    space = discover_units(model, images[:1])
+    lstsq = measure_means(model, space, images, mode="lstsq", ridge=RIDGE)
+    layers = {target.layer for unit in space.units for target in unit.targets}
+    return model, space, images, labels, lstsq, _inputs(model, layers, images)
+
+
+def _pick(space):
+    """A unit of the residual-coupled stem group (two conv consumers), one read by a conv only,
+    one read by the Linear through a flatten, one read by the head; and a base removal."""
+    by_root = {group.root: group.unit_ids for group in space.groups}
+    residual = by_root["body.3"]
+    conv_only = by_root["body.0"]
+    flattened = by_root["down.0"]
+    hidden = by_root["hidden"]
+    base = (residual[0], conv_only[1], flattened[2], hidden[3])
+    scored = [residual[1], conv_only[0], flattened[0], hidden[0], hidden[5]]
+    return base, scored
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        dict(prefix_reuse=False, units_per_pass=1),
+        dict(prefix_reuse=True, units_per_pass=1),
+        dict(prefix_reuse=False, units_per_pass=3),
+        dict(prefix_reuse=True, units_per_pass=3),
+    ],
+    ids=["full-pass", "prefix", "batched", "batched-prefix"],
+)
+def test_lstsq_scoring_equals_a_brute_force_refit_then_removal(setting, path):
+    model, space, images, labels, lstsq, inputs = setting
+    base, scored = _pick(space)
+    effects = causal_effects(
+        model,
+        space,
+        images,
+        labels,
+        units=scored,
+        already_removed=base,
+        compensation=lstsq,
+        batch_size=16,
+        **path,
+    )
+    reference = _true_class(_oracle_model(model, space, base, inputs), images, labels)
+    np.testing.assert_allclose(effects.baseline, reference, rtol=1e-9, atol=1e-12)
+    for row, unit in enumerate(scored):
+        sigma = _true_class(_oracle_model(model, space, [*base, unit], inputs), images, labels)
+        expected = (sigma - reference) / reference
+        np.testing.assert_allclose(effects.relative_effects[row], expected, rtol=1e-7, atol=1e-9)
+    assert hook_count(model) == 0
+
+
+def test_a_duplicated_neuron_scores_no_effect_under_lstsq_but_does_under_the_mean():
+    """The defect the scoring fix is for: refitting moves a duplicate onto its twin exactly, so
+    its refitted removal changes nothing, while the mean replacement scores a large effect."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 3)).double().eval()
+    with torch.no_grad():
+        model[0].weight[3] = model[0].weight[2]
+        model[0].bias[3] = model[0].bias[2]
+    x = torch.randn(200, 3, dtype=torch.float64)
+    labels = model(x).argmax(1)
+    space = discover_units(model, x[:1])
+    twin = next(u.id for u in space.units if u.index == 3)
+    lstsq = measure_means(model, space, x, mode="lstsq", ridge=1e-9)
+    mean = measure_means(model, space, x, mode="mean")
+    refitted = causal_effects(model, space, x, labels, units=[twin], compensation=lstsq)
+    shifted = causal_effects(model, space, x, labels, units=[twin], compensation=mean)
+    assert np.abs(refitted.relative_effects).max() < 1e-6
+    assert np.abs(shifted.xi).max() > 1e-3
+
+
+def test_batched_lstsq_interventions_remove_every_hook(setting):
+    model, space, images, _labels, lstsq, _ = setting
+    base, scored = _pick(space)
+    with pytest.raises(RuntimeError), removed_each(model, space, base, scored[:2], lstsq):
+        model(images[:5])  # 5 rows cannot be split into 2 copies
+    assert hook_count(model) == 0
