@@ -12,6 +12,7 @@ from conftest import TinyNet
 from cswap import session as session_module
 from cswap.errors import CswapError
 from cswap.intervene import hook_count
+from cswap.units import discover_units
 
 REPORT_KEYS = {
     "model",
@@ -150,7 +151,8 @@ def test_refuses_to_overwrite_a_report(result, tmp_path):
 
 
 def test_resume_continues_exactly(trained_tiny, data, tmp_path, monkeypatch):
-    settings = dict(target_params=0.4, allow_critical=True)
+    # the step-by-step loop (no one-shot start) makes enough steps to interrupt after a rescoring
+    settings = dict(target_params=0.4, allow_critical=True, oneshot_start=False)
     full = run(trained_tiny, data, checkpoint_dir=tmp_path / "a", **settings)
     calls = {"n": 0}
     original = session_module.masked_validation
@@ -179,9 +181,30 @@ def test_label_free_with_many_classes_and_few_images():
     model = TinyNet(classes=100).eval()
     images = torch.randn(120, 1, 14, 14)
     unlabeled = TensorDataset(images, torch.zeros(120, dtype=torch.long))
+    with torch.no_grad():
+        own_top1 = model(images).argmax(1)  # the unmodified model's predictions, computed here
     result = cswap.score(model, unlabeled, label_free=True, progress=False)
     report = result.report
     assert report["calibration"]["label_free"]
+    # the labels the run tested with are the model's own top-1, not the dummy zeros
+    classes, counts = np.unique(own_top1.numpy(), return_counts=True)
+    assert len(classes) >= 2
+    assert report["calibration"]["calibration_per_class"] == {
+        str(int(k)): int(v) for k, v in zip(classes, counts, strict=True)
+    }
+    assert report["calibration"]["calibration_size"] == len(images)  # none dropped
+    prepared = session_module.prepare(
+        model,
+        unlabeled,
+        None,
+        example_input=None,
+        label_free=True,
+        device="cpu",
+        options=session_module.make_options({}),
+        split_validation=False,
+    )
+    assert torch.equal(prepared.calibration_images, images)
+    assert torch.equal(prepared.calibration_labels, own_top1)
     assert sum(report["categories"].values()) == report["units_total"]
     # 100 classes with one or two images each: every class is too small, they are pooled
     labeled = TensorDataset(images, torch.arange(120) % 100)
@@ -215,8 +238,28 @@ def test_bad_input_is_refused_with_one_clear_error(trained_tiny, data):
 
 
 @pytest.mark.parametrize("method", ["l1", "taylor", "cswap"])
-def test_oneshot_lands_on_the_target_within_one_unit(trained_tiny, data, method):
-    result = run(trained_tiny, data, method=method, mode="oneshot", target_params=0.4)
+def test_oneshot_lands_on_the_target_within_one_unit(trained_tiny, data, method, monkeypatch):
+    import cswap.api as api_module
+
+    seen = {}
+    original = api_module.oneshot_result
+
+    def spy(space, config, ranking, *args, **kwargs):
+        outcome = original(space, config, ranking, *args, **kwargs)
+        seen.update(space=space, ranking=ranking, removed=outcome.removed)
+        return outcome
+
+    monkeypatch.setattr(api_module, "oneshot_result", spy)
+    result = run(
+        trained_tiny,
+        data,
+        method=method,
+        mode="oneshot",
+        target_params=0.4,
+        compensate="mean",
+        round_to=1,
+        min_keep=1,
+    )
     report = result.report
     assert report["mode"] == "oneshot" and report["method"] == method
     assert report["stop_reason"] == "target_reached" and report["steps"] == []
@@ -225,13 +268,77 @@ def test_oneshot_lands_on_the_target_within_one_unit(trained_tiny, data, method)
     removed = [u for u in report["units"] if u["removed_at_step"] is not None]
     largest = max(u["params"] for u in removed)
     assert report["params_after"] > limit - largest  # not one unit more than needed
+    # the cut, in the order it was made, is exactly what the report and the model removed
+    space, order, cut = seen["space"], seen["ranking"].order, seen["removed"]
+    assert sorted(cut) == sorted(u["id"] for u in removed)
+    assert space.params_after(cut) == report["params_after"]
+    # minimal: the cut one unit shorter does not reach the target
+    assert space.params_after(cut[:-1]) > limit
+    # the cut follows the ranking: a subsequence of it, and every unit the ranking put before
+    # the last cut unit but that stayed is in a group left with only min_keep = 1 unit
+    position = {unit: i for i, unit in enumerate(order)}
+    assert [position[u] for u in cut] == sorted(position[u] for u in cut)
+    kept = {g.id: sum(1 for u in g.unit_ids if u not in set(cut)) for g in space.groups}
+    skipped = [u for u in order[: position[cut[-1]]] if u not in set(cut)]
+    assert all(kept[space.units[u].group] == 1 for u in skipped)
     if method == "cswap":
         assert report["categories"] is not None
     else:
         assert report["categories"] is None and all("score" in u for u in report["units"])
         # the criterion's lowest-scored units went first
-        kept = [u["score"] for u in report["units"] if u["removed_at_step"] is None]
-        assert max(u["score"] for u in removed) <= max(kept)
+        kept_scores = [u["score"] for u in report["units"] if u["removed_at_step"] is None]
+        assert max(u["score"] for u in removed) <= max(kept_scores)
+        by_score = sorted(report["units"], key=lambda u: (u["score"], u["id"]))
+        assert list(order) == [u["id"] for u in by_score]
+
+
+def ideal_replacement_logits(model, removed, calibration, batch):
+    """Logits of ``model`` with the ``removed`` units' inputs replaced, at every consumer, by
+    their mean over ``calibration`` (what mean compensation approximates), computed by hand."""
+    space = discover_units(model, calibration[:1])
+    consumers: dict[str, tuple[int, set[int]]] = {}
+    for unit in removed:
+        for target in space.units[unit].targets:
+            consumers.setdefault(target.layer, (target.dim, set()))[1].update(target.indices)
+    modules = dict(model.named_modules())
+    inputs: dict[str, torch.Tensor] = {}
+
+    def keep(layer):
+        def hook(_module, args):
+            inputs[layer] = args[0].detach().double()
+
+        return hook
+
+    handles = [modules[layer].register_forward_pre_hook(keep(layer)) for layer in consumers]
+    with torch.no_grad():
+        model(calibration)
+    for handle in handles:
+        handle.remove()
+    means = {}
+    for layer, (dim, _) in consumers.items():
+        x = inputs[layer].movedim(dim, -1)
+        means[layer] = x.reshape(-1, x.shape[-1]).mean(0)
+
+    def replace(layer, dim, indices):
+        index = torch.tensor(sorted(indices))
+
+        def hook(_module, args):
+            x = args[0].movedim(dim, -1).clone()
+            x[..., index] = means[layer][index].to(x)
+            return (x.movedim(-1, dim), *args[1:])
+
+        return hook
+
+    handles = [
+        modules[layer].register_forward_pre_hook(replace(layer, dim, indices))
+        for layer, (dim, indices) in consumers.items()
+    ]
+    try:
+        with torch.no_grad():
+            return model(batch)
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def test_compensation_is_recorded_and_removal_stays_equivalent(trained_tiny, data):
@@ -244,11 +351,40 @@ def test_compensation_is_recorded_and_removal_stays_equivalent(trained_tiny, dat
     removed = [u["id"] for u in plain.report["units"] if u["removed_at_step"] is not None]
     assert removed == [u["id"] for u in mean.report["units"] if u["removed_at_step"] is not None]
     assert mean.report["equivalence_max_abs_diff"] < 1e-4
-    assert info["border_gap_max_abs_logit"] >= 0.0
+    # the gap, recomputed by hand: the folded, pruned model against the ideal replacement (each
+    # removed input set to its calibration mean at every consumer), on the first 16 calibration
+    # images (correct_only: the correctly classified ones)
+    x, y = data[0].tensors
+    with torch.no_grad():
+        calibration = x[trained_tiny(x).argmax(1) == y]
+    assert info["mean_images"] == len(calibration)
+    ideal = ideal_replacement_logits(trained_tiny, removed, calibration, calibration[:16])
+    with torch.no_grad():
+        gap = float((mean.model(calibration[:16]) - ideal).abs().max())
+    assert gap > 1e-3  # zero-padded convolutions lost units: the fold is not the ideal there
+    assert info["border_gap_max_abs_logit"] == pytest.approx(gap, rel=1e-3, abs=1e-4)
     refit = run(trained_tiny, data, method="l1", mode="oneshot", compensate="lstsq")
     assert refit.report["compensation"]["mode"] == "lstsq"
     assert refit.report["compensation"]["mean_instead_of_lstsq"] == {}  # TinyNet: all refitted
     assert refit.report["equivalence_max_abs_diff"] < 1e-4
+
+
+def test_border_gap_is_zero_when_every_consumer_is_linear(data):
+    torch.manual_seed(0)
+    nn = torch.nn
+    model = nn.Sequential(
+        nn.Flatten(), nn.Linear(196, 24), nn.ReLU(), nn.Linear(24, 24), nn.ReLU(), nn.Linear(24, 10)
+    ).eval()
+    result = run(model, data, method="l1", mode="oneshot", compensate="mean", correct_only=False)
+    report = result.report
+    removed = [u["id"] for u in report["units"] if u["removed_at_step"] is not None]
+    assert removed and report["compensation"]["folded_into"]
+    # no padding anywhere: folding the means is the ideal mean replacement
+    assert report["compensation"]["border_gap_max_abs_logit"] <= 1e-6
+    x = data[0].tensors[0]
+    ideal = ideal_replacement_logits(model, removed, x, x[:16])
+    with torch.no_grad():
+        assert torch.allclose(result.model(x[:16]), ideal, rtol=1e-5, atol=1e-5)
 
 
 def test_unknown_method_mode_and_compensation_are_refused(trained_tiny, data):
@@ -263,11 +399,29 @@ def test_unknown_method_mode_and_compensation_are_refused(trained_tiny, data):
 
 def test_a_run_out_of_candidates_says_that_critical_units_were_never_tried(trained_tiny, data):
     # a tolerance that accepts everything: only the categories can stop the loop before 90%
-    report = run(trained_tiny, data, target_params=0.9, tolerance=0.99, margin=0.0).report
+    report = run(
+        trained_tiny, data, target_params=0.9, tolerance=0.99, margin=0.0, allow_critical=False
+    ).report
     assert report["stop_reason"] == "candidates_exhausted"
     hint = [w for w in report["warnings"] if "candidates ran out" in w]
-    assert len(hint) == 1 and "--allow-critical" in hint[0]
+    assert len(hint) == 1 and "--protect-critical" in hint[0]
     critical = report["scoring_rounds"][-1]["categories"]["critical"]
     assert critical > 0 and f"found {critical} of the" in hint[0]
     allowed = run(trained_tiny, data, target_params=0.9, tolerance=0.99, allow_critical=True)
     assert not [w for w in allowed.report["warnings"] if "candidates ran out" in w]
+
+
+def test_the_progressive_run_ends_at_least_as_far_as_its_oneshot_cut(trained_tiny, data):
+    settings = dict(target_params=0.5, tolerance=0.02)
+    oneshot = run(trained_tiny, data, mode="oneshot", **settings).report
+    progressive = run(trained_tiny, data, **settings).report
+    first = progressive["steps"][0]
+    assert first["probe"] and first["units_tried"] == oneshot["units_removed"]
+    assert first["val_accuracy"] == pytest.approx(oneshot["val_accuracy_after"], abs=1e-12)
+    threshold = oneshot["val_accuracy_before"] - 0.02
+    if oneshot["val_accuracy_after"] >= threshold:  # the cut passes: the run starts there
+        assert first["accepted"]
+        assert progressive["params_after"] <= oneshot["params_after"]
+    else:  # it fails: the run backs off along the same ranking, never to nothing
+        assert not first["accepted"]
+        assert progressive["units_removed"] > 0

@@ -18,7 +18,12 @@ from cswap.scoring import CausalEffects
 
 def effects(rows, labels):
     rows = np.asarray(rows, dtype=np.float64)
-    return CausalEffects(np.arange(len(rows)), rows, np.asarray(labels), np.ones(rows.shape[1]))
+    return CausalEffects(
+        unit_ids=np.arange(len(rows)),
+        relative_effects=rows,
+        labels=np.asarray(labels),
+        baseline=np.ones(rows.shape[1]),
+    )
 
 
 def test_holm_matches_a_hand_computation():
@@ -34,15 +39,56 @@ def test_categories_against_the_margin():
     rng = np.random.default_rng(0)
     labels = np.repeat([0, 1], 20)
     noise = rng.normal(0, 0.001, size=40)
-    critical_in_class_1 = np.where(labels == 1, -0.05, 0.0) + noise
-    detrimental = 0.02 + noise
-    tiny = 0.0002 + noise  # within the margin: neutral however many samples
-    dead = np.zeros(40)
-    result = categorize(effects([critical_in_class_1, detrimental, tiny, dead], labels))
-    assert list(result.categories) == [CRITICAL, DETRIMENTAL, NEUTRAL, NEUTRAL]
-    assert result.counts() == {CRITICAL: 1, NEUTRAL: 2, DETRIMENTAL: 1}
-    assert result.class_means.shape == (4, 2)
-    assert result.class_p_values[0, 1] < 0.05 and result.class_p_values[0, 0] > 0.05
+
+    def near(value):  # consistent effect, small noise: the t-test has a variance to work with
+        return value + rng.normal(0, 1e-4, size=40)
+
+    rows = [
+        np.where(labels == 1, -0.05, 0.0) + noise,  # 0: hurts class 1 only
+        0.02 + noise,  # 1: removing it helps a lot
+        near(-0.0005),  # 2: a consistent loss of 0.05%, inside the margin 0.001
+        near(-0.01),  # 3: a consistent loss of 1%, beyond the margin
+        near(+0.0005),  # 4: a consistent gain of 0.05%, inside the margin 0.001
+        np.zeros(40),  # 5: dead
+    ]
+    wide = categorize(effects(rows, labels), CategoryConfig(margin=0.001))
+    assert list(wide.categories) == [CRITICAL, DETRIMENTAL, NEUTRAL, CRITICAL, NEUTRAL, NEUTRAL]
+    assert wide.counts() == {CRITICAL: 2, NEUTRAL: 3, DETRIMENTAL: 1}
+    assert wide.class_means.shape == (6, 2)
+    assert wide.class_p_values[0, 1] < 0.05 and wide.class_p_values[0, 0] > 0.05
+    # the units inside the margin are clearly not significant against it
+    assert wide.class_p_values[2].min() > 0.5 and wide.detrimental_p_values[4] > 0.5
+    # the same effects against a ten times narrower margin: both slight units are now beyond it
+    narrow = categorize(effects(rows, labels), CategoryConfig(margin=0.0001))
+    assert list(narrow.categories) == [
+        CRITICAL,
+        DETRIMENTAL,
+        CRITICAL,
+        CRITICAL,
+        DETRIMENTAL,
+        NEUTRAL,
+    ]
+    assert narrow.class_p_values[2].max() < 1e-6 and narrow.detrimental_p_values[4] < 1e-6
+    # the margin changes the verdicts, not the effects
+    assert np.array_equal(wide.xi, narrow.xi)
+
+
+def test_significant_against_zero_but_not_the_margin_is_neutral():
+    rng = np.random.default_rng(3)
+    labels = np.repeat([0, 1], 20)
+    row = -0.0005 + rng.normal(0, 1e-4, size=40)  # every sample loses about 0.05%
+    # a plain one-sided test of "effect = 0" calls it a significant loss, in every class
+    assert stats.ttest_1samp(row, 0.0, alternative="less").pvalue < 1e-10
+    for label in (0, 1):
+        members = row[labels == label]
+        assert stats.ttest_1samp(members, 0.0, alternative="less").pvalue < 1e-6
+    # against the margin 0.001 it is not a loss worth keeping the unit for: neutral
+    result = categorize(effects([row], labels), CategoryConfig(margin=0.001))
+    assert result.categories[0] == NEUTRAL
+    assert np.all(result.class_means[0] > -0.001) and np.all(result.class_means[0] < 0)
+    assert result.class_p_values[0].min() > 0.5
+    # without the margin (the plain test) the very same effects make it critical
+    assert categorize(effects([row], labels), CategoryConfig(margin=0.0)).categories[0] == CRITICAL
 
 
 def test_constant_effects_have_certain_verdicts():

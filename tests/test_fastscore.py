@@ -104,12 +104,37 @@ def test_first_order_estimate_is_the_derivative_of_removal():
         assert np.allclose(estimate[unit.id], derivative.numpy(), rtol=1e-4, atol=1e-7)
 
 
-def test_screening_settles_only_clear_critical_units(setting):
+def test_screening_settles_only_clear_critical_units(setting, monkeypatch):
+    import cswap.fastscore as fastscore_module
+
     model, space, images, labels, exact = setting
+    scored_exactly: set[int] = set()
+    original = fastscore_module.causal_effects
+
+    def spy(*args, units=None, **kwargs):
+        scored_exactly.update(int(unit) for unit in units)
+        return original(*args, units=units, **kwargs)
+
+    monkeypatch.setattr(fastscore_module, "causal_effects", spy)
     result = fast_categorize(
         model, space, images, labels, CONFIG, FastConfig(screen=True, screen_factor=4.0)
     )
+    # the units that got no exact intervention are the ones screening settled
+    screened = sorted({unit.id for unit in space.units} - scored_exactly)
+    assert result.screened == len(screened) > 0  # the lever actually did something here
     assert result.exact_passes == (len(space) - result.screened) * len(images)
+    assert result.exact_passes < result.full_passes
+    # screening only ever settles units as critical, and only units the exact categorisation
+    # (every unit scored by its intervention) also finds critical
+    row = {int(unit): i for i, unit in enumerate(result.categorization.unit_ids)}
+    exact_row = {int(unit): i for i, unit in enumerate(exact.unit_ids)}
+    assert all(result.categorization.categories[row[u]] == CRITICAL for u in screened)
+    assert all(exact.categories[exact_row[u]] == CRITICAL for u in screened)
+    # and clearly so: the exact class mean is far below -margin in some class
+    assert all(exact.class_means[exact_row[u]].min() < -CONFIG.margin for u in screened)
+    # every unit scored exactly gets the fixed-n verdict
+    for unit in scored_exactly:
+        assert result.categorization.categories[row[unit]] == exact.categories[exact_row[unit]]
     agreement = np.mean(result.categorization.categories == exact.categories)
     assert agreement >= 0.9
 

@@ -23,6 +23,22 @@ def _categorization_arrays(prefix: str, categorization: Categorization) -> dict[
     return {f"{prefix}{key}": value for key, value in units_arrays(categorization).items()}
 
 
+def load_categorization(arrays, prefix: str, config: CategoryConfig) -> Categorization:
+    """A Categorization from the arrays ``units_arrays`` wrote (keys under ``prefix``)."""
+    return Categorization(
+        unit_ids=arrays[prefix + "unit_ids"],
+        xi=arrays[prefix + "xi"],
+        tested_classes=arrays[prefix + "tested_classes"],
+        class_means=arrays[prefix + "class_means"],
+        class_p_values=arrays[prefix + "class_p_values"],
+        detrimental_p_values=arrays[prefix + "detrimental_p_values"],
+        categories=arrays[prefix + "categories"].astype(object),
+        config=config,
+        log_ratio=arrays[prefix + "log_ratio"],
+        kl=arrays[prefix + "kl"],
+    )
+
+
 class Checkpoint:
     """Accepted steps, every scoring round and the ranking in use: ``resume`` continues exactly."""
 
@@ -88,6 +104,7 @@ class Checkpoint:
                 val_accuracy=s["val_accuracy"],
                 paired_se=s["paired_se"],
                 rescored_after=s["rescored_after"],
+                probe=s.get("probe", False),
             )
             for s in raw["steps"]
         )
@@ -112,18 +129,7 @@ class Checkpoint:
             rounds.append(
                 (
                     count,
-                    Categorization(
-                        unit_ids=arrays[prefix + "unit_ids"],
-                        xi=arrays[prefix + "xi"],
-                        tested_classes=arrays[prefix + "tested_classes"],
-                        class_means=arrays[prefix + "class_means"],
-                        class_p_values=arrays[prefix + "class_p_values"],
-                        detrimental_p_values=arrays[prefix + "detrimental_p_values"],
-                        categories=arrays[prefix + "categories"].astype(object),
-                        config=config,
-                        log_ratio=arrays[prefix + "log_ratio"],
-                        kl=arrays[prefix + "kl"],
-                    ),
+                    load_categorization(arrays, prefix, config),
                 )
             )
         log.info("resuming after %d steps, %d units removed", len(steps), len(state.removed))

@@ -52,17 +52,29 @@ def _shift_hook(dim: int, delta: torch.Tensor):
     return hook
 
 
-def _refit_hook(weight: torch.Tensor, bias: torch.Tensor):
-    """The consumer's output recomputed with refitted (lstsq) weights on its masked input."""
+class _WeightSwap:
+    """A consumer computing with refitted (lstsq) weights: its parameters' data are swapped for
+    the refit (the layer then runs once, not once more in a hook) and put back by ``remove``.
+    A bias-free consumer gets the refitted bias from a forward hook."""
 
-    def hook(module: nn.Module, inputs: tuple, _output: torch.Tensor) -> torch.Tensor:
-        x = inputs[0]
-        w, b = weight.to(x), bias.to(x)
-        if isinstance(module, nn.Linear):
-            return nn.functional.linear(x, w, b)
-        return module._conv_forward(x, w, b)
+    def __init__(self, module: nn.Module, weight: torch.Tensor, bias: torch.Tensor, dim: int):
+        self.module = module
+        self.weight = module.weight.data
+        module.weight.data = weight.to(self.weight)
+        self.bias = None
+        self.hook = None
+        if module.bias is not None:
+            self.bias = module.bias.data
+            module.bias.data = bias.to(self.bias)
+        else:
+            self.hook = module.register_forward_hook(_shift_hook(dim, bias))
 
-    return hook
+    def remove(self) -> None:
+        self.module.weight.data = self.weight
+        if self.bias is not None:
+            self.module.bias.data = self.bias
+        if self.hook is not None:
+            self.hook.remove()
 
 
 def _mean_hook(dim: int, indices: torch.Tensor, values: torch.Tensor):
@@ -116,14 +128,14 @@ def removed(
                 module = modules[layer]
                 if compensation.refits(layer):
                     weight, bias = compensation.refit(module, layer, indices)
-                    handles.append(module.register_forward_hook(_refit_hook(weight, bias)))
+                    handles.append(_WeightSwap(module, weight, bias, 1 if dim == 1 else -1))
                 else:
                     delta = compensation.delta(module, layer, indices)
                     out_dim = 1 if dim == 1 else -1
                     handles.append(module.register_forward_hook(_shift_hook(out_dim, delta)))
         yield model
     finally:
-        for handle in handles:
+        for handle in reversed(handles):
             handle.remove()
 
 

@@ -12,6 +12,50 @@ from cswap.cli.common import BatchSizeOption, DeviceOption, fail_cleanly
 
 
 def register(app: typer.Typer) -> None:
+    @app.command("bench-ranking")
+    @fail_cleanly
+    def bench_ranking_command(
+        models: Annotated[
+            str, typer.Option(help="Comma-separated model specs.")
+        ] = "zoo:vgg,zoo:resnet20,zoo:vit",
+        targets: Annotated[str, typer.Option(help="Fractions of params removed.")] = "0.3,0.5,0.7",
+        compensate: Annotated[str, typer.Option(help="none, mean or lstsq.")] = "lstsq",
+        baselines: Annotated[str, typer.Option(help="Baseline criteria cut the same way.")] = (
+            "taylor,l1,fpgm"
+        ),
+        variants: Annotated[
+            str, typer.Option(help="C-SWAP ranking variants (default: all), see bench_ranking.")
+        ] = "all",
+        calib_per_class: Annotated[int, typer.Option(help="Calibration images per class.")] = 50,
+        out: Annotated[Path, typer.Option(help="Output directory (resumed).")] = Path("runs/rank"),
+        seed: Annotated[int, typer.Option(help="Seed of every random choice.")] = 0,
+        device: DeviceOption = None,
+        quiet: Annotated[bool, typer.Option(help="No progress bars or info logs.")] = False,
+    ) -> None:
+        """Compare orders of C-SWAP's candidates (one scoring, one-shot cuts): OUT/rankings.csv."""
+        from cswap.bench import parse_list
+        from cswap.bench_ranking import VARIANTS, compare_rankings, ranking_table
+        from cswap.devices import resolve_device
+
+        logging.basicConfig(
+            level=logging.WARNING if quiet else logging.INFO,
+            format="%(asctime)s %(levelname)s %(message)s",
+        )
+        rows = compare_rankings(
+            parse_list(models),
+            tuple(float(t) for t in parse_list(targets)),
+            out,
+            compensate=compensate,
+            baselines=parse_list(baselines),
+            variants=parse_list(variants, VARIANTS),
+            calib_per_class=calib_per_class,
+            seed=seed,
+            device=resolve_device(device),
+            progress=not quiet,
+            echo=typer.echo,
+        )
+        typer.echo(ranking_table(rows))
+
     @app.command("bench")
     @fail_cleanly
     def bench_command(
