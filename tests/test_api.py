@@ -159,7 +159,7 @@ def test_resume_continues_exactly(trained_tiny, data, tmp_path, monkeypatch):
 
     def interrupted(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 9:
+        if calls["n"] == 6:
             raise KeyboardInterrupt
         return original(*args, **kwargs)
 

@@ -8,6 +8,7 @@ from cswap.categorize import (
     NEUTRAL,
     POOLED,
     CategoryConfig,
+    RankConfig,
     categorize,
     causal_ranking,
     correct,
@@ -129,8 +130,42 @@ def test_ranking_order():
     rows = [np.full(20, v) for v in (0.0, 0.01, -0.2, 0.05, 0.0005)]
     categorization = categorize(effects(rows, labels))
     assert list(categorization.categories) == [NEUTRAL, DETRIMENTAL, CRITICAL, DETRIMENTAL, NEUTRAL]
-    assert causal_ranking(categorization).order == (3, 1, 4, 0)
-    assert causal_ranking(categorization, allow_critical=True).order == (3, 1, 4, 0, 2)
+    paper = RankConfig("xi", per_cost=False, categories_first=True, allow_critical=False)
+    assert causal_ranking(categorization, paper).order == (3, 1, 4, 0)
+    with_critical = RankConfig("xi", per_cost=False, categories_first=True)
+    assert causal_ranking(categorization, with_critical).order == (3, 1, 4, 0, 2)
+    with pytest.raises(ValueError, match="not measured"):
+        causal_ranking(categorization, RankConfig("kl", per_cost=False))
+
+
+def test_ranking_by_damage_per_cost_in_one_order():
+    labels = np.repeat([0, 1], 10)
+    rows = [np.full(20, v) for v in (0.0, 0.01, -0.2, 0.0)]
+    kl = np.array([[0.4] * 20, [0.3] * 20, [0.5] * 20, [0.1] * 20])
+    log_ratio = -kl
+    result = CausalEffects(
+        unit_ids=np.arange(4),
+        relative_effects=np.stack(rows),
+        labels=labels,
+        baseline=np.ones(20),
+        log_ratio=log_ratio,
+        kl=kl,
+    )
+    categorization = categorize(result)
+    costs = {0: 100.0, 1: 10.0, 2: 1000.0, 3: 1.0}
+    # damage per unit saved: 0.004, 0.03, 0.0005, 0.1; critical unit 2 first, categories ignored
+    assert causal_ranking(categorization, RankConfig("kl"), costs).order == (2, 0, 1, 3)
+    by_logp = causal_ranking(categorization, RankConfig("logp"), costs)
+    assert by_logp.order == (2, 0, 1, 3)
+    assert by_logp.scores[0] == pytest.approx(0.004)
+    protected = RankConfig("kl", allow_critical=False)
+    assert causal_ranking(categorization, protected, costs).order == (0, 1, 3)
+    unweighted = RankConfig("kl", per_cost=False)
+    assert causal_ranking(categorization, unweighted).order == (3, 1, 0, 2)
+    grouped = RankConfig("kl", categories_first=True)
+    assert causal_ranking(categorization, grouped, costs).order == (1, 0, 3, 2)
+    with pytest.raises(ValueError, match="costs"):
+        causal_ranking(categorization, RankConfig("kl"))
 
 
 def test_bad_settings_are_refused():

@@ -372,14 +372,41 @@ def _oneshot_start(space, config, rank, ranking, validate, threshold, state, on_
     return state, ranking
 
 
-def _prefixes(space, config, blocks) -> list[tuple[int, ...]]:
-    """The cumulative removals along ``blocks``, from nothing up to the one-shot cut."""
-    ends: list[tuple[int, ...]] = [()]
+@dataclass(frozen=True)
+class _Prefixes:
+    """Prefix ``k`` of a ranking's blocks: ``self[k]`` (k = 0 is nothing)."""
+
+    units: tuple[int, ...]
+    lengths: tuple[int, ...]
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __getitem__(self, count: int) -> tuple[int, ...]:
+        return self.units[: self.lengths[count]]
+
+
+def _prefixes(space, config, blocks) -> _Prefixes:
+    """The cumulative removals along ``blocks``, from nothing up to the one-shot cut (found by
+    bisection: the parameters left only fall along the prefixes)."""
+    flat: list[int] = []
+    ends = [0]
     for block in blocks:
-        if target_reached(space, config, ends[-1]) or _past_milestone(space, config, ends[-1]):
-            break
-        ends.append((*ends[-1], *block))
-    return ends
+        flat.extend(block)
+        ends.append(len(flat))
+
+    def done(count: int) -> bool:
+        removed = flat[: ends[count]]
+        return target_reached(space, config, removed) or _past_milestone(space, config, removed)
+
+    low, high = 0, len(ends) - 1  # the first prefix that is done lies in [low, high]
+    while low < high:
+        middle = (low + high) // 2
+        if done(middle):
+            high = middle
+        else:
+            low = middle + 1
+    return _Prefixes(tuple(flat), tuple(ends[: low + 1]))
 
 
 def _rescore_due(space, config, state, removed) -> bool:
