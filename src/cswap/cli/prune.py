@@ -67,6 +67,9 @@ def summary_lines(report: dict) -> list[str]:
             if report.get("categories")
             else ""
         ),
+        f"  units removed {report.get('units_removed')} (critical at removal: "
+        f"{report.get('critical_removed', 0)}), failed {report.get('units_failed')}, "
+        f"{len(report.get('steps', []))} validation steps, {report.get('total_seconds')} s",
     ]
 
 
