@@ -38,6 +38,9 @@ VARIANTS: dict[str, RankConfig] = {
     "kl_per_param_categories": RankConfig("kl", per_cost=True, categories_first=True),
 }
 BASELINES = ("taylor", "l1", "fpgm")
+# the default order, re-scored on the partly cut model every RESCORE_STEP of the parameters
+RESCORED = "kl_per_param_rescored"
+RESCORE_STEP = 0.1
 COLUMNS = (
     "model",
     "ranking",
@@ -82,6 +85,34 @@ def _orders(bench, categorization: Categorization, seconds: float, baselines) ->
     return orders
 
 
+def _rescored_cuts(bench, compensation, first: Categorization, targets) -> dict:
+    """target -> (removed, seconds): the default order cut in steps of RESCORE_STEP of the
+    parameters, the remaining units re-scored on the cut model (with its compensation) between
+    steps; no validation (a one-shot cut that re-scores)."""
+    space = bench.prepared.space
+    ranker = CausalRanker(bench.prepared, bench.options, bench.progress, compensation)
+    config = bench.options.rank_config(True)
+    started = time.perf_counter()
+    removed: tuple[int, ...] = ()
+    categorization = first
+    cuts = {}
+    goal = 0.0
+    for target in sorted(targets):
+        while goal < target - 1e-9:
+            goal = min(target, goal + RESCORE_STEP)
+            if removed:
+                categorization = ranker.categorization(removed)
+            ranking = causal_ranking(categorization, config, space.savings(removed, "params"))
+            order = [unit for unit in ranking.order if unit not in set(removed)]
+            removed, _ = oneshot(
+                space,
+                ScheduleConfig(target_params=goal),
+                type(ranking)(order=(*removed, *order)),
+            )
+        cuts[target] = (removed, time.perf_counter() - started)
+    return cuts
+
+
 def compare_rankings(
     models: Sequence[str],
     targets: Sequence[float],
@@ -105,7 +136,7 @@ def compare_rankings(
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("w", newline="") as handle:
             csv.DictWriter(handle, COLUMNS).writeheader()
-    unknown = sorted(set(variants) - set(VARIANTS))
+    unknown = sorted(set(variants) - {*VARIANTS, RESCORED})
     if unknown:
         raise CswapError(f"Unknown ranking variant(s) {unknown}.", f"use some of {list(VARIANTS)}.")
     names = [*variants, *baselines]
@@ -135,9 +166,14 @@ def compare_rankings(
         echo(f"{spec}: scored in {causal_seconds:.0f} s: {categorization.counts()}")
         orders = _orders(bench, categorization, causal_seconds, baselines)
         space = bench.prepared.space
+        if any(name == RESCORED for name, _ in wanted):
+            orders[RESCORED] = _rescored_cuts(bench, compensation, categorization, targets)
         for name, target in wanted:
-            ranking, seconds = orders[name]
-            removed, _reached = oneshot(space, ScheduleConfig(target_params=target), ranking)
+            if name == RESCORED:
+                removed, seconds = orders[name][target]
+            else:
+                ranking, seconds = orders[name]
+                removed, _reached = oneshot(space, ScheduleConfig(target_params=target), ranking)
             row = {
                 "model": spec,
                 "ranking": name,
