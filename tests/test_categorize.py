@@ -153,16 +153,17 @@ def test_ranking_by_damage_per_cost_in_one_order():
     )
     categorization = categorize(result)
     costs = {0: 100.0, 1: 10.0, 2: 1000.0, 3: 1.0}
-    # damage per unit saved: 0.004, 0.03, 0.0005, 0.1; critical unit 2 first, categories ignored
-    assert causal_ranking(categorization, RankConfig("kl"), costs).order == (2, 0, 1, 3)
-    by_logp = causal_ranking(categorization, RankConfig("logp"), costs)
+    # damage per unit saved: 0.004, 0.03, 0.0005, 0.1; in one order the critical unit 2 first
+    single = RankConfig("kl", categories_first=False)
+    assert causal_ranking(categorization, single, costs).order == (2, 0, 1, 3)
+    by_logp = causal_ranking(categorization, RankConfig("logp", categories_first=False), costs)
     assert by_logp.order == (2, 0, 1, 3)
     assert by_logp.scores[0] == pytest.approx(0.004)
     protected = RankConfig("kl", allow_critical=False)
-    assert causal_ranking(categorization, protected, costs).order == (0, 1, 3)
-    unweighted = RankConfig("kl", per_cost=False)
+    assert causal_ranking(categorization, protected, costs).order == (1, 0, 3)
+    unweighted = RankConfig("kl", per_cost=False, categories_first=False)
     assert causal_ranking(categorization, unweighted).order == (3, 1, 0, 2)
-    grouped = RankConfig("kl", categories_first=True)
+    grouped = RankConfig("kl")  # the default: critical units last
     assert causal_ranking(categorization, grouped, costs).order == (1, 0, 3, 2)
     with pytest.raises(ValueError, match="costs"):
         causal_ranking(categorization, RankConfig("kl"))

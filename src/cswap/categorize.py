@@ -206,13 +206,13 @@ class RankConfig:
     intervened predictive distribution), ``logp`` (mean drop of the true-class
     log-probability) or ``xi`` (the paper's relative change, sign flipped). ``per_cost``: divide
     by what removing the unit saves (``costs``, parameters or MACs after the target's kind).
-    ``categories_first``: detrimental, then neutral, then critical, each in damage order; else
-    one order across categories. ``allow_critical=False`` is the paper's strict rule.
+    ``categories_first`` (default): detrimental, then neutral, then critical, each in damage
+    order, so critical units are candidates only last; else one order across categories. ``allow_critical=False`` is the paper's strict rule.
     """
 
     statistic: str = "kl"
     per_cost: bool = True
-    categories_first: bool = False
+    categories_first: bool = True
     allow_critical: bool = True
 
     def __post_init__(self) -> None:

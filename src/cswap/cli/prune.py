@@ -231,8 +231,12 @@ def register(app: typer.Typer) -> None:
             bool, typer.Option(help="Divide the damage by the params / MACs a unit saves.")
         ] = True,
         rank_categories_first: Annotated[
-            bool, typer.Option(help="Order detrimental, neutral, critical, then by damage.")
-        ] = False,
+            bool,
+            typer.Option(
+                help="Detrimental, then neutral, then critical units, each by damage; "
+                "--no-rank-categories-first: one order by damage across categories."
+            ),
+        ] = True,
         oneshot_start: Annotated[
             bool, typer.Option(help="Progressive: validate the one-shot cut first.")
         ] = True,
