@@ -207,7 +207,8 @@ class RankConfig:
     log-probability) or ``xi`` (the paper's relative change, sign flipped). ``per_cost``: divide
     by what removing the unit saves (``costs``, parameters or MACs after the target's kind).
     ``categories_first`` (default): detrimental, then neutral, then critical, each in damage
-    order, so critical units are candidates only last; else one order across categories. ``allow_critical=False`` is the paper's strict rule.
+    order, so critical units are candidates only last; else one order across categories.
+    ``allow_critical=False`` is the paper's strict rule.
     """
 
     statistic: str = "kl"
