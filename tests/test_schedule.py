@@ -244,3 +244,15 @@ def test_always_terminates_without_the_safety_net(seed):
     assert result.stop_reason != "max_steps"
     assert not set(result.removed) & bad
     assert set(result.failed) <= bad
+
+
+@pytest.mark.parametrize("kind", ["params", "macs"])
+def test_savings_are_the_marginal_cost_of_each_unit_on_the_current_model(kind):
+    after = SPACE.params_after if kind == "params" else SPACE.macs_after
+    removed = [u.id for u in SPACE.units[::3]]
+    savings = SPACE.savings(removed, kind)
+    assert set(savings) == {u.id for u in SPACE.units} - set(removed)
+    for unit, saved in savings.items():
+        assert saved == pytest.approx(after(removed) - after([*removed, unit]), abs=1.0)
+    alone = {u.id: u.params if kind == "params" else u.macs for u in SPACE.units}
+    assert any(saved != pytest.approx(alone[unit]) for unit, saved in savings.items())
