@@ -415,13 +415,16 @@ def test_the_progressive_run_ends_at_least_as_far_as_its_oneshot_cut(trained_tin
     settings = dict(target_params=0.5, tolerance=0.02)
     oneshot = run(trained_tiny, data, mode="oneshot", **settings).report
     progressive = run(trained_tiny, data, **settings).report
-    first = progressive["steps"][0]
-    assert first["probe"] and first["units_tried"] == oneshot["units_removed"]
-    assert first["val_accuracy"] == pytest.approx(oneshot["val_accuracy_after"], abs=1e-12)
+    cut = {unit["id"] for unit in oneshot["units"] if unit["removed_at_step"] is not None}
+    probes = [step for step in progressive["steps"] if step["probe"]]
+    assert probes and all(step["index"] == i for i, step in enumerate(probes))
+    plain = [step for step in probes if set(step["units"]) == cut]
     threshold = oneshot["val_accuracy_before"] - 0.02
-    if oneshot["val_accuracy_after"] >= threshold:  # the cut passes: the run starts there
-        assert first["accepted"]
-        assert progressive["params_after"] <= oneshot["params_after"]
-    else:  # it fails: the run backs off along the same ranking, never to nothing
-        assert not first["accepted"]
-        assert progressive["units_removed"] > 0
+    if probes[0]["accepted"]:  # the re-scored cut passed: the run starts at the target
+        assert progressive["stop_reason"] == "target_reached"
+    elif oneshot["val_accuracy_after"] >= threshold:  # else the plain cut is tried, and passes
+        assert len(plain) == 1 and plain[0]["accepted"]
+        assert plain[0]["val_accuracy"] == pytest.approx(oneshot["val_accuracy_after"], abs=1e-12)
+        assert progressive["stop_reason"] == "target_reached"
+    else:  # both fail: the run backs off along the re-scored path
+        assert progressive["units_removed"] > 0 or all(not p["accepted"] for p in probes)

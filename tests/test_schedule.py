@@ -17,6 +17,7 @@ from cswap.schedule import (
     ScheduleConfig,
     Validation,
     make_blocks,
+    oneshot,
     run_schedule,
 )
 from cswap.units import discover_units
@@ -256,3 +257,57 @@ def test_savings_are_the_marginal_cost_of_each_unit_on_the_current_model(kind):
         assert saved == pytest.approx(after(removed) - after([*removed, unit]), abs=1.0)
     alone = {u.id: u.params if kind == "params" else u.macs for u in SPACE.units}
     assert any(saved != pytest.approx(alone[unit]) for unit, saved in savings.items())
+
+
+def _flipping_ranker(calls, validations):
+    """Natural order at the first ranking, reversed at the next, and so on."""
+
+    def rank(removed):
+        calls.append((SPACE.params_after(removed), len(validations)))
+        gone = set(removed)
+        order = [u.id for u in SPACE.units if u.id not in gone]
+        return Ranking(order=tuple(order if len(calls) % 2 else order[::-1]))
+
+    return rank
+
+
+def test_the_start_rescores_along_its_cut_before_validating():
+    calls, validations = [], []
+
+    def validate(removed):
+        validations.append(removed)
+        return Validation(0.9, 0.001, 1000)
+
+    config = ScheduleConfig(target_params=0.5, rescore_every=0.1)
+    result = run_schedule(
+        SPACE, config, _flipping_ranker(calls, validations), validate, baseline=BASELINE
+    )
+    assert result.stop_reason == TARGET_REACHED
+    assert len(result.steps) == 1 and result.steps[0].probe and result.steps[0].accepted
+    before = [params for params, seen in calls if seen == 0]
+    assert len(before) >= 4  # re-ranked on the cut model every 10% before validating once
+    for earlier, later in itertools.pairwise(before):
+        assert earlier - later >= 0.1 * SPACE.params_total
+    natural = Ranking(order=tuple(u.id for u in SPACE.units))
+    plain, _ = oneshot(SPACE, config, natural)
+    assert set(result.removed) != set(plain)  # the cut followed the re-ranked orders
+
+
+def test_the_plain_oneshot_cut_is_the_fallback_when_the_rescored_cut_fails():
+    calls, validations = [], []
+    natural = Ranking(order=tuple(u.id for u in SPACE.units))
+    config = ScheduleConfig(target_params=0.5, rescore_every=0.1, patience=1)
+    plain, _ = oneshot(SPACE, config, natural)
+    bad = {u.id for u in SPACE.units} - set(plain)
+
+    def validate(removed):
+        validations.append(removed)
+        return Validation(0.5 if set(removed) & bad else 0.9, 0.001, 1000)
+
+    result = run_schedule(
+        SPACE, config, _flipping_ranker(calls, validations), validate, baseline=BASELINE
+    )
+    first, second = result.steps[:2]
+    assert first.probe and not first.accepted
+    assert second.probe and second.accepted and set(second.units) == set(plain)
+    assert result.stop_reason == TARGET_REACHED and set(result.removed) == set(plain)

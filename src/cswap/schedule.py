@@ -333,43 +333,97 @@ def run_schedule(
 
 
 def _oneshot_start(space, config, rank, ranking, validate, threshold, state, on_step):
-    """Validate the one-shot cut of ``ranking`` (to the target, or to the first milestone); when
-    it fails, bisect along the ranking for the longest prefix that passes, down to the initial
-    chunk's size. Probe steps list the whole prefix they tried; the loop goes on from the
-    longest prefix accepted."""
-    ends = _prefixes(space, config, _fresh_blocks(space, ranking, state, config))
+    """The start of a progressive run: a cut to the target (or the first milestone) without
+    validation, re-scored every ``rescore_every`` of the parameters on the cut model (effects
+    interact; measured: this is what makes the causal order win), then validated once. If it
+    fails, the one-shot cut of the first ranking is validated (so a run never ends below it);
+    if that fails too, bisection along the re-scored path finds the longest prefix that passes,
+    down to the initial chunk's size. Probe steps list the whole prefix they tried."""
+    first = ranking
+    path, last_ranking = _rescored_path(space, config, rank, ranking, state)
+    full = path[len(path) - 1]
+    state, passed = _probe(space, validate, threshold, state, full, on_step)
+    if passed:
+        return _accept_start(space, config, rank, state, full, last_ranking, first, on_step)
+    plain = _prefixes(space, config, _fresh_blocks(space, first, state, config))
+    cut = plain[len(plain) - 1]
+    if cut != full:
+        state, passed = _probe(space, validate, threshold, state, cut, on_step)
+        if passed:
+            return _accept_start(space, config, rank, state, cut, None, first, on_step)
     resolution = config.initial_chunk * max(1, space.prunable_params)
-    low, high = 0, len(ends) - 1
-    probe = high
-    while probe > low:
-        units = ends[probe]
-        validation = validate(units)
-        step = Step(
-            index=len(state.steps),
-            units=units,
-            accepted=validation.accuracy >= threshold,
-            params=space.params_after(units),
-            macs=space.macs_after(units),
-            val_accuracy=validation.accuracy,
-            paired_se=validation.paired_se,
-            probe=True,
-        )
-        if step.accepted:
-            low = probe
-        else:
-            high = probe
-        gap = space.params_after(ends[low]) - space.params_after(ends[high])
-        last = low == high or high - low <= 1 or gap <= resolution
-        new_ranking = None
-        if step.accepted and last and _rescore_due(space, config, state, ends[low]):
-            new_ranking = ranking = rank(ends[low])
-            step = replace(step, rescored_after=True)
-            state = replace(state, params_at_last_ranking=space.params_after(ends[low]))
-        state = replace(state, removed=ends[low], steps=(*state.steps, step))
-        if on_step is not None:
-            on_step(state, step, new_ranking)
-        probe = low if last else (low + high) // 2
+    low, high = 0, len(path) - 1
+    while high - low > 1:
+        if space.params_after(path[low]) - space.params_after(path[high]) <= resolution:
+            break
+        middle = (low + high) // 2
+        state, passed = _probe(space, validate, threshold, state, path[middle], on_step)
+        low, high = (middle, high) if passed else (low, middle)
+    return _accept_start(space, config, rank, state, path[low], None, first, on_step)
+
+
+def _probe(space, validate, threshold, state, units, on_step):
+    validation = validate(units)
+    step = Step(
+        index=len(state.steps),
+        units=units,
+        accepted=validation.accuracy >= threshold,
+        params=space.params_after(units),
+        macs=space.macs_after(units),
+        val_accuracy=validation.accuracy,
+        paired_se=validation.paired_se,
+        probe=True,
+    )
+    state = replace(state, steps=(*state.steps, step))
+    if on_step is not None and not step.accepted:
+        on_step(state, step, None)
+    return state, step.accepted
+
+
+def _accept_start(space, config, rank, state, units, ranking, first, on_step):
+    """Continue from ``units`` (accepted by the last probe, or nothing): the ranking valid there
+    is ``ranking`` if given, else a re-scoring of ``units`` (``first`` when nothing passed)."""
+    state = replace(state, removed=tuple(units))
+    if not units:
+        return state, first
+    step = state.steps[-1]
+    if ranking is None and not target_reached(space, config, units):
+        ranking = rank(tuple(units))
+        step = replace(step, rescored_after=True)
+    elif ranking is None:
+        ranking = first  # target reached: the loop ends at once
+    state = replace(
+        state,
+        steps=(*state.steps[:-1], step),
+        params_at_last_ranking=space.params_after(units),
+    )
+    if on_step is not None:
+        on_step(state, step, ranking)
     return state, ranking
+
+
+def _rescored_path(space, config, rank, ranking, state):
+    """Prefixes of a removal order built without validation: cut ``rescore_every`` of the
+    parameters along the current ranking, re-rank on the cut model, cut again, up to the
+    target. Returns the prefixes (block boundaries) and the ranking valid at the end."""
+    units: list[int] = []
+    ends = [0]
+    while True:
+        current = replace(state, removed=tuple(units))
+        blocks = _fresh_blocks(space, ranking, current, config)
+        goal = space.params_after(units) - config.rescore_every * space.params_total
+        for block in blocks:
+            if _done(space, config, units) or space.params_after(units) <= goal:
+                break
+            units.extend(block)
+            ends.append(len(units))
+        if _done(space, config, units) or not blocks or len(ends) == 1:
+            return _Prefixes(tuple(units), tuple(ends)), ranking
+        ranking = rank(tuple(units))
+
+
+def _done(space, config, removed) -> bool:
+    return target_reached(space, config, removed) or _past_milestone(space, config, removed)
 
 
 @dataclass(frozen=True)
