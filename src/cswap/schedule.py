@@ -5,20 +5,22 @@ magnitude, Taylor, ...), ``validate(removed) -> Validation`` (accuracy of the mo
 removed) and the unit space's accounting. So it is testable without a model, and every baseline
 runs through the very same loop.
 
-1. Candidates come in the ranking's order (for C-SWAP: detrimental by xi descending, then neutral by
-   xi descending; critical units only when allowed, by |xi| ascending, last).
-2. A chunk of candidates is tried at once. Accepted if validation accuracy stays within
-   ``tolerance`` of the unpruned model; otherwise rolled back and retried with its first half (the
-   rest stays in the candidate list); a single unit (or round_to block) that fails is kept and
-   marked ``failed``. The chunk is sized in parameters: it starts at ``initial_chunk`` of the
-   prunable parameters, doubles after an acceptance and halves after a rejection; a chunk that
-   would overshoot the target is trimmed to it.
-3. Whenever a further ``rescore_every`` of the parameters has gone since the last ranking, the
-   remaining units are ranked again on the current model (effects interact).
+1. Candidates come in the ranking's order (for C-SWAP: detrimental, neutral, then critical
+   units unless protected, each by damage per parameter saved; ``cswap.categorize``).
+2. Start (``oneshot_start``): a cut to the target re-ranked every ``rescore_every`` of the
+   parameters on the cut model, validated once; else the one-shot cut of the first ranking; else
+   bisection along the re-ranked path. So a run never ends below its own one-shot cut.
+3. Then chunks of candidates are tried. Accepted if validation accuracy stays within
+   ``tolerance`` of the unpruned model; otherwise rolled back and retried with its first half
+   (the rest stays in the candidate list), until a single unit (or round_to block) that fails
+   is isolated, kept and marked ``failed``. Halving is not failure. The chunk is sized in real
+   parameters (a shared weight once): it starts at ``initial_chunk`` of the prunable
+   parameters, doubles after an acceptance and halves after a rejection; a chunk that would
+   overshoot the target is trimmed to it. Whenever a further ``rescore_every`` of the
+   parameters has gone since the last ranking, the remaining units are ranked again.
 4. Stop reasons: ``target_reached``; ``candidates_exhausted`` (nothing left to try);
-   ``tolerance_unmet`` (``patience`` rejected steps in a row: no chunk passes any more; near
-   the threshold every further decision is a coin toss on validation noise, so the loop stops
-   rather than testing the remaining candidates one by one).
+   ``tolerance_unmet`` (``patience`` isolated failures in a row: near the threshold every
+   further decision is a coin toss on validation noise).
 5. Per-group safety: a group never loses all its units (``min_keep``, at least ``round_to``);
    with ``round_to`` > 1 units leave a group in blocks, so that its kept count stays a multiple
    of ``round_to``.
@@ -59,8 +61,8 @@ class ScheduleConfig:
     min_keep: int = 1
     patience: int = 8
     max_steps: int = 10_000
-    # validate the one-shot cut of the first ranking first, back off by bisection, go on from
-    # there: a progressive run never ends below its own one-shot cut
+    # start with a cut re-scored every rescore_every, validated once; fall back to the one-shot
+    # cut of the first ranking, then bisection: a run never ends below its own one-shot cut
     oneshot_start: bool = True
     # intermediate params-removed fractions a chunk must not jump over (benchmarks record the
     # model at each one); the run still stops only at the target
@@ -110,7 +112,7 @@ class Step:
     val_accuracy: float
     paired_se: float
     rescored_after: bool = False
-    probe: bool = False  # a trial of a prefix of the first ranking (the one-shot start)
+    probe: bool = False  # a trial of the re-scored start: ``units`` is its whole prefix
 
     def to_dict(self) -> dict:
         data = asdict(self)

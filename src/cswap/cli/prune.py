@@ -238,7 +238,11 @@ def register(app: typer.Typer) -> None:
             ),
         ] = True,
         oneshot_start: Annotated[
-            bool, typer.Option(help="Progressive: validate the one-shot cut first.")
+            bool,
+            typer.Option(
+                help="Progressive: start with a cut re-scored every --rescore-every, validated "
+                "once (then the plain one-shot cut, then bisection)."
+            ),
         ] = True,
         lstsq_memory_gb: Annotated[
             float, typer.Option(help="Memory budget of lstsq Gram matrices (GiB).")
