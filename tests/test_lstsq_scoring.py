@@ -167,3 +167,17 @@ def test_batched_lstsq_interventions_remove_every_hook(setting):
     with pytest.raises(RuntimeError), removed_each(model, space, base, scored[:2], lstsq):
         model(images[:5])  # 5 rows cannot be split into 2 copies
     assert hook_count(model) == 0
+
+
+def test_the_lstsq_pruned_model_equals_an_independent_refit(setting):
+    """Physical removal + fold against the numpy oracle (not cswap's own refit on both sides)."""
+    from cswap.surgery import prune_copy
+
+    model, space, images, _labels, lstsq, inputs = setting
+    base, scored = _pick(space)
+    units = [*base, *scored]
+    pruned = prune_copy(model, space, units, images[:1], lstsq)
+    with torch.no_grad():
+        expected = _oracle_model(model, space, units, inputs)(images)
+        assert torch.allclose(pruned(images), expected, rtol=1e-7, atol=1e-9)
+        assert not torch.allclose(model(images), expected, atol=1e-3)
