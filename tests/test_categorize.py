@@ -160,10 +160,11 @@ def test_ranking_by_damage_per_cost_in_one_order():
     assert by_logp.order == (2, 0, 1, 3)
     assert by_logp.scores[0] == pytest.approx(0.004)
     protected = RankConfig("kl", allow_critical=False)
-    assert causal_ranking(categorization, protected, costs).order == (1, 0, 3)
+    assert causal_ranking(categorization, protected, costs).order == (0, 1, 3)
+    assert RankConfig().categories_first is False  # the measured default: one order
     unweighted = RankConfig("kl", per_cost=False, categories_first=False)
     assert causal_ranking(categorization, unweighted).order == (3, 1, 0, 2)
-    grouped = RankConfig("kl")  # the default: critical units last
+    grouped = RankConfig("kl", categories_first=True)  # critical units last
     assert causal_ranking(categorization, grouped, costs).order == (1, 0, 3, 2)
     with pytest.raises(ValueError, match="costs"):
         causal_ranking(categorization, RankConfig("kl"))

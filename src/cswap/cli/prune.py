@@ -233,10 +233,10 @@ def register(app: typer.Typer) -> None:
         rank_categories_first: Annotated[
             bool,
             typer.Option(
-                help="Detrimental, then neutral, then critical units, each by damage; "
-                "--no-rank-categories-first: one order by damage across categories."
+                help="Detrimental, then neutral, then critical units, each by damage (critical "
+                "last); default: one order by damage per cost across categories."
             ),
-        ] = True,
+        ] = False,
         oneshot_start: Annotated[
             bool,
             typer.Option(
