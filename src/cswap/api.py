@@ -239,8 +239,8 @@ def prune(
     ranking to the target, no validation). ``compensate``: ``mean`` folds each removed unit's
     mean activation into the layers that read it (and scores the compensated interventions);
     ``lstsq`` refits the reading layers' remaining weights and bias by ridge least squares to
-    reproduce their original outputs on the calibration data (scoring uses the mean
-    replacement); ``none`` removes plainly. ``options``: the named defaults of ``Options``.
+    reproduce their original outputs on the calibration data (the default; scoring measures
+    the refitted removal); ``none`` removes plainly. ``options``: the named defaults of ``Options``.
     """
     _check_choices(method, mode, compensate)
     opts = make_options(options)

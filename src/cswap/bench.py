@@ -642,7 +642,7 @@ def speed_bench(
 ) -> dict:
     """Time the first scoring of ``spec`` under each lever; compare categories and xi with the
     naive exact run (one unit per full forward pass, fixed n, no screening). ``compensate``:
-    the interventions scored, as ``cswap prune`` scores them (``lstsq`` scores with the means)."""
+    the interventions scored, as ``cswap prune`` scores them (the compensated removal)."""
     from scipy.stats import spearmanr
 
     from cswap.fastscore import FastConfig, fast_categorize

@@ -415,7 +415,7 @@ def _rescored_path(space, config, rank, ranking, state):
         blocks = _fresh_blocks(space, ranking, current, config)
         goal = space.params_after(units) - config.rescore_every * space.params_total
         for block in blocks:
-            if _done(space, config, units) or space.params_after(units) <= goal:
+            if space.params_after(units) <= goal or _done(space, config, units):
                 break
             units.extend(block)
             ends.append(len(units))
@@ -451,25 +451,14 @@ def _prefixes(space, config, blocks) -> _Prefixes:
         flat.extend(block)
         ends.append(len(flat))
 
-    def done(count: int) -> bool:
-        removed = flat[: ends[count]]
-        return target_reached(space, config, removed) or _past_milestone(space, config, removed)
-
     low, high = 0, len(ends) - 1  # the first prefix that is done lies in [low, high]
     while low < high:
         middle = (low + high) // 2
-        if done(middle):
+        if _done(space, config, flat[: ends[middle]]):
             high = middle
         else:
             low = middle + 1
     return _Prefixes(tuple(flat), tuple(ends[: low + 1]))
-
-
-def _rescore_due(space, config, state, removed) -> bool:
-    gone = state.params_at_last_ranking - space.params_after(removed)
-    return gone >= config.rescore_every * space.params_total and not target_reached(
-        space, config, removed
-    )
 
 
 def _past_milestone(space, config, removed) -> bool:

@@ -186,8 +186,8 @@ def causal_effects(
     """Exact per-sample relative effects of removing each unit in ``units`` (default: all units
     not already removed), one intervention per forward pass over each calibration batch.
 
-    ``compensation``: the interventions are the compensated ones (each unit replaced by its folded
-    mean), so the effects describe what compensated pruning will do.
+    ``compensation``: the interventions are the compensated ones (mean fold or lstsq refit, under
+    ``already_removed`` too), so the effects describe what compensated pruning will do.
     ``prefix_reuse`` reruns only the layers from the unit's first consumer onward (exact: the same
     operations on the same values); models that cannot be traced fall back to full passes.
     ``units_per_pass`` interventions share one forward pass (the batch stacked once per unit,

@@ -355,7 +355,6 @@ class CausalRanker:
         self.progress = progress
         self.compensation = compensation
         self.rank_config = options.rank_config(allow_critical)
-        self.allow_critical = self.rank_config.allow_critical
         self.cost_kind = cost_kind
         self.rounds: list[tuple[int, Categorization]] = []  # (units removed before, result)
         self.preset: Ranking | None = None

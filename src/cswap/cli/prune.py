@@ -256,7 +256,7 @@ def register(app: typer.Typer) -> None:
             float, typer.Option(help="Re-score after this fraction of params is gone.")
         ] = 0.10,
         patience: Annotated[
-            int, typer.Option(help="Rejected steps in a row before stopping (tolerance_unmet).")
+            int, typer.Option(help="Isolated failures in a row before stopping (tolerance_unmet).")
         ] = 8,
         seed: Annotated[int, typer.Option(help="Seed of every random choice.")] = 0,
         sequential: Annotated[
