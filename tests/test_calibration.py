@@ -74,7 +74,7 @@ def test_validation_size_caps_validation():
 
 
 def test_one_class_and_empty_data_are_refused():
-    with pytest.raises(CswapError, match="single class"):
+    with pytest.raises(CswapError, match="The data hold 1 class: class-conditional tests need two"):
         draw_calibration(np.arange(10), np.zeros(10, dtype=int), per_class=3, correct_only=False)
     with pytest.raises(CswapError, match="empty"):
         draw_calibration(np.arange(0), np.zeros(0, dtype=int), per_class=3, correct_only=False)

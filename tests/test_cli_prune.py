@@ -88,10 +88,31 @@ def test_prune_cli_runs_a_baseline_oneshot_and_refuses_unknown_choices(tmp_path)
     arguments = ["prune", "--model", "zoo:vit", "--target-params", "0.1", "--quiet"]
     arguments += ["--calib-per-class", "2", "--validation-size", "100", "--out", str(out)]
     result = CliRunner().invoke(
-        app, [*arguments, "--method", "l1", "--mode", "oneshot", "--compensate", "lstsq"]
+        app,
+        # with both targets the first one reached stops the run
+        [
+            *arguments,
+            "--method",
+            "l1",
+            "--mode",
+            "oneshot",
+            "--compensate",
+            "lstsq",
+            "--target-macs",
+            "0.9",
+        ],
     )
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
+    params_line = (
+        f"  target: remove 10.0% of the parameters: removed {report['params_reduction']:.1%} "
+        "(met, stopped the run)"
+    )
+    macs_line = (
+        f"  target: remove 90.0% of the MACs: removed {report['macs_reduction']:.1%} (NOT met)"
+    )
+    assert params_line in result.stdout.splitlines()
+    assert macs_line in result.stdout.splitlines()
     assert (report["method"], report["mode"], report["compensation"]["mode"]) == (
         "l1",
         "oneshot",

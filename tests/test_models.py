@@ -71,7 +71,7 @@ def test_weights_that_do_not_fit_are_refused_with_the_mismatch(tmp_path):
         ("torchvision:resnet19", "torchvision has no model"),
         ("timm:not_a_model", "timm has no model"),
         ("hf:/nonexistent", "not a Hugging Face model directory"),
-        ("torchvision:resnet18?colour=red", "rejected the options"),
+        ("torchvision:resnet18?colour=red", "could not be built with the options"),
     ],
 )
 def test_bad_model_specs_get_one_clear_error(spec, message):

@@ -8,7 +8,7 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["PruneResult", "load", "prune", "score"]
+__all__ = ["PruneResult", "load", "load_spec", "prune", "score"]
 
 
 def __getattr__(name: str):

@@ -31,6 +31,7 @@ from cswap.errors import CswapError
 from cswap.evaluate import Evaluation, evaluate
 from cswap.export import export_onnx, save_model
 from cswap.export import load as load_saved
+from cswap.inputs import check_export, check_model_object, check_out_dir
 from cswap.report import units_arrays, write_report
 from cswap.schedule import (
     CANDIDATES_EXHAUSTED,
@@ -84,10 +85,8 @@ class PruneResult:
         so a failure leaves no half-written output; a finished run's checkpoint is removed.
         """
         out = Path(out_dir)
-        _check_out_dir(out, overwrite)
-        unknown = sorted(set(export) - {"onnx"})
-        if unknown:
-            raise CswapError(f"Unknown export format(s) {unknown}.", "use --export onnx.")
+        check_out_dir(out, overwrite=overwrite)
+        check_export(export)
         out.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".cswap-", dir=out))
         try:
@@ -127,13 +126,6 @@ def load(path: str | Path, base_model: nn.Module | None = None) -> nn.Module:
 
 
 # ----------------------------------------------------------------------------- input checks
-
-
-def _check_out_dir(out: Path, overwrite: bool) -> None:
-    if (out / "report.json").exists() and not overwrite:
-        raise CswapError(
-            f"{out} already holds a report.", "pick another --out or pass --overwrite."
-        )
 
 
 # ----------------------------------------------------------------------------- the pipeline
@@ -177,6 +169,7 @@ def score(
     ``compensate="mean"`` scores the compensated interventions (what ``prune`` with the same
     setting removes); ``"none"`` the plain removal.
     """
+    check_model_object(model)
     _check_choices("cswap", "progressive", compensate)
     opts = make_options(options)
     started = time.perf_counter()
@@ -242,9 +235,12 @@ def prune(
     reproduce their original outputs on the calibration data (the default; scoring measures
     the refitted removal); ``none`` removes plainly. ``options``: the named defaults of ``Options``.
     """
+    check_model_object(model)
     _check_choices(method, mode, compensate)
     opts = make_options(options)
     schedule_config = opts.schedule_config(target_params, target_macs, tolerance)
+    if resume and checkpoint_dir is not None:  # a finished run is never re-run over
+        check_out_dir(checkpoint_dir, resume=True)
     started = time.perf_counter()
     prepared = prepare(
         model,
@@ -443,9 +439,14 @@ def _prune_summary(
             f"({config.tolerance}): the validation set is too small to resolve it; use more "
             "validation images or a larger tolerance."
         )
+    reductions = {
+        "params": 1.0 - after.params / before.params,
+        "macs": 1.0 - after.macs / before.macs if before.macs else 0.0,
+    }
     return {
         "target": target,
         "targets": {"params": config.target_params, "macs": config.target_macs},
+        "target_status": _target_status(config, reductions, result.stop_reason),
         "tolerance": config.tolerance,
         "schedule": config.to_dict(),
         "stop_reason": result.stop_reason,
@@ -467,6 +468,25 @@ def _prune_summary(
         "steps": [step.to_dict() for step in result.steps],
         "warnings": warnings,
     }
+
+
+def _target_status(config, reductions: dict[str, float], stop_reason: str) -> list[dict]:
+    """Each target given, where the run stands on it, and which one stopped the run."""
+    status = []
+    for kind, goal in (("params", config.target_params), ("macs", config.target_macs)):
+        if goal is None:
+            continue
+        met = reductions[kind] >= goal - 1e-9
+        status.append(
+            {
+                "kind": kind,
+                "goal": goal,
+                "removed": round(reductions[kind], 6),
+                "met": met,
+                "stopped_the_run": met and stop_reason == "target_reached",
+            }
+        )
+    return status
 
 
 def _scores_at_removal(rounds, result: ScheduleResult) -> dict[int, tuple[float, str]]:
@@ -590,10 +610,13 @@ def select_data(
 
     from cswap.data.calibration import LabeledSubset, draw_calibration, model_predictions
     from cswap.data.spec import resolve_data
+    from cswap.units import classifier_layers
 
     source = resolve_data(
         data_spec, loaded.preprocessing, data_dir=data_dir, allow_single_class=label_free
     )
+    if len(source.pool):  # the model must run on these images and output class scores
+        classifier_layers(loaded.model.cpu(), source.dataset[int(source.pool[0])][0][None])
     model = loaded.model.to(device)
     predictions = model_predictions(
         model, source.dataset, source.pool, batch_size=batch_size, device=device

@@ -33,6 +33,7 @@ from cswap import api
 from cswap.categorize import Ranking, causal_ranking
 from cswap.criteria import CRITERIA
 from cswap.errors import CswapError
+from cswap.inputs import check_out_dir
 from cswap.intervene import removed as intervention
 from cswap.measure import measure_latency, predict
 from cswap.schedule import ScheduleConfig, oneshot
@@ -128,13 +129,13 @@ class _Writer:
         self.path = path
         self.rows = read_rows(path)
         self.done = {_key(row) for row in self.rows}
-        if not path.is_file():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with path.open("w", newline="") as handle:
-                csv.DictWriter(handle, COLUMNS).writeheader()
 
     def add(self, row: dict) -> None:
         row = {name: row.get(name, "") for name in COLUMNS}
+        if not self.path.is_file():  # the header comes with the first row: never a bare one
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("w", newline="") as handle:
+                csv.DictWriter(handle, COLUMNS).writeheader()
         with self.path.open("a", newline="") as handle:
             csv.DictWriter(handle, COLUMNS).writerow(row)
         self.rows.append({k: str(v) for k, v in row.items()})
@@ -288,6 +289,9 @@ def run_bench(
     """Run every missing row; returns all rows of OUT/results.csv. Writes results.json and one
     PNG per model at the end."""
     out = Path(out)
+    check_out_dir(out, overwrite=True)  # a file, under a file, unwritable: before any work
+    for spec in config.models:  # an unknown or broken spec fails now, not after other models
+        api.load_spec(spec)
     writer = _Writer(out / "results.csv")
     targets = tuple(sorted(config.targets))
     for phase in ("oneshot", "progressive"):

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from cswap.categorize import Categorization, CategoryConfig, Ranking
-from cswap.errors import CswapError
+from cswap.errors import CswapError, first_line
 from cswap.report import units_arrays
 from cswap.schedule import ScheduleState, Step
 
@@ -74,7 +74,11 @@ class Checkpoint:
         arrays: dict[str, np.ndarray] = {}
         for index, (_, categorization) in enumerate(rounds):
             arrays |= _categorization_arrays(f"round{index}_", categorization)
-        np.savez_compressed(self.directory / CHECKPOINT_SCORES, **arrays)
+        # each file is replaced whole: an interrupt leaves the previous or the new one, and
+        # the scores file only ever gains rounds, so the JSON's rounds are always in it
+        scores = self.directory / (CHECKPOINT_SCORES + ".tmp.npz")
+        np.savez_compressed(scores, **arrays)
+        scores.replace(self.directory / CHECKPOINT_SCORES)
         temporary = self.directory / (CHECKPOINT + ".tmp")
         temporary.write_text(json.dumps(data))
         temporary.replace(self.directory / CHECKPOINT)
@@ -86,6 +90,18 @@ class Checkpoint:
         if not path.is_file():
             log.info("no checkpoint in %s: starting afresh", self.directory)
             return None, None, []
+        try:
+            return self._read(path, config)
+        except CswapError:
+            raise
+        except Exception as error:  # truncated JSON, missing keys, a damaged scores file
+            raise CswapError(
+                f"The checkpoint in {self.directory} is damaged ({type(error).__name__}: "
+                f"{first_line(error)}).",
+                "start afresh: rerun without --resume and with --overwrite.",
+            ) from error
+
+    def _read(self, path: Path, config: CategoryConfig):
         data = json.loads(path.read_text())
         if data["fingerprint"] != self.fingerprint:
             raise CswapError(

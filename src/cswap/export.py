@@ -3,13 +3,17 @@
 ``OUT/model/spec.json`` holds the base model spec (how to rebuild the unpruned architecture), the
 removed units as ``{root layer: [original indices]}``, the example input shape used to trace the
 dependency graph, the preprocessing and the library versions; ``OUT/model/model.safetensors`` the
-pruned weights. Loading rebuilds the base model, replays the removal through Torch-Pruning and
-loads the weights (shapes checked), so no code object is ever unpickled.
+pruned weights; ``spec.json``'s ``sha256`` holds hashes of the plan and of the weights, checked on
+loading so that an edited or incomplete directory is refused. Loading rebuilds the base model,
+replays the removal through Torch-Pruning and loads the weights (shapes checked), so no code
+object is ever unpickled.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 from importlib import metadata
 from pathlib import Path
 
@@ -20,14 +24,17 @@ from torch import nn
 from cswap.adapters import canonicalize
 from cswap.compensation import add_zero_biases
 from cswap.data.preprocessing import Preprocessing
-from cswap.errors import CswapError
+from cswap.errors import CswapError, first_line
 from cswap.models import load_model
 from cswap.surgery import apply_plan
-from cswap.zoo.store import load_state_dict_checked
+from cswap.zoo.store import load_state_dict_checked, sha256_file
 
-FORMAT = "cswap-pruned-model/1"
+FORMAT = "cswap-pruned-model/2"
+LEGACY_FORMATS = ("cswap-pruned-model/1",)  # no integrity hashes: loaded with a warning
 SPEC_FILE = "spec.json"
 WEIGHTS_FILE = "model.safetensors"
+PLAN_KEYS = ("base_model", "removed", "example_input_shape")
+log = logging.getLogger("cswap")
 
 
 def library_versions() -> dict[str, str]:
@@ -69,11 +76,18 @@ def save_model(
         "class_names": list(class_names) if class_names else None,
         "versions": library_versions(),
     }
+    spec["sha256"] = {"plan": _plan_hash(spec), "weights": sha256_file(directory / WEIGHTS_FILE)}
     (directory / SPEC_FILE).write_text(json.dumps(spec, indent=1) + "\n")
     return directory
 
 
+def _plan_hash(spec: dict) -> str:
+    plan = json.dumps({key: spec.get(key) for key in PLAN_KEYS}, sort_keys=True)
+    return hashlib.sha256(plan.encode()).hexdigest()
+
+
 def read_spec(path: str | Path) -> tuple[Path, dict]:
+    """The saved model's directory and spec, checked: complete, readable and unmodified."""
     path = Path(path)
     directory = path / "model" if (path / "model" / SPEC_FILE).is_file() else path
     spec_path = directory / SPEC_FILE
@@ -82,13 +96,42 @@ def read_spec(path: str | Path) -> tuple[Path, dict]:
             f"{path} holds no saved pruned model (no model/{SPEC_FILE}).",
             "pass the --out directory of a finished `cswap prune` run.",
         )
-    spec = json.loads(spec_path.read_text())
-    if spec.get("format") != FORMAT:
+    try:
+        spec = json.loads(spec_path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as error:
         raise CswapError(
-            f"{spec_path} has format {spec.get('format')!r}, expected {FORMAT!r}.",
+            f"{spec_path} is not readable JSON ({first_line(error)}).",
+            "restore the file, or prune and save the model again.",
+        ) from error
+    if not isinstance(spec, dict) or spec.get("format") not in (FORMAT, *LEGACY_FORMATS):
+        found = spec.get("format") if isinstance(spec, dict) else type(spec).__name__
+        raise CswapError(
+            f"{spec_path} has format {found!r}, expected {FORMAT!r}.",
             "save it again with this version of cswap.",
         )
+    _check_integrity(directory, spec)
     return directory, spec
+
+
+def _check_integrity(directory: Path, spec: dict) -> None:
+    weights = directory / WEIGHTS_FILE
+    if not weights.is_file():
+        raise CswapError(
+            f"{directory} is incomplete: {WEIGHTS_FILE} is missing.",
+            "copy the whole directory that `cswap prune --out` wrote, or prune again.",
+        )
+    if spec["format"] in LEGACY_FORMATS:
+        log.warning("%s predates integrity hashes: it cannot be checked for edits", directory)
+        return
+    recorded = spec.get("sha256") or {}
+    for part, actual in (("plan", _plan_hash(spec)), ("weights", sha256_file(weights))):
+        if recorded.get(part) != actual:
+            what = "removal plan in spec.json" if part == "plan" else WEIGHTS_FILE
+            raise CswapError(
+                f"{directory} was modified after it was saved: its {what} does not match the "
+                "hash recorded at saving.",
+                "restore the original files, or prune and save the model again.",
+            )
 
 
 def load(path: str | Path, base_model: nn.Module | None = None) -> nn.Module:

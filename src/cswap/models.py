@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from cswap.data.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
-from cswap.errors import CswapError
+from cswap.errors import CswapError, first_line
 from cswap.specs import parse_spec
 
 MODEL_SPEC_HELP = (
@@ -55,6 +55,8 @@ def _coerce(value: str) -> object:
     lowered = value.lower()
     if lowered in ("true", "false"):
         return lowered == "true"
+    if lowered == "none":
+        return None
     for cast in (int, float):
         try:
             return cast(value)
@@ -72,6 +74,7 @@ def load_model(spec: str, *, weights: str | Path | None = None) -> LoadedModel:
         )
     scheme, body, raw_options = parse_spec(spec, kind="model", help_text=MODEL_SPEC_HELP)
     options = {key: _coerce(value) for key, value in raw_options.items()}
+    _refuse_downloads(spec, options)
     if not body:
         raise CswapError(f"Unknown model spec {spec!r}.", f"use {MODEL_SPEC_HELP}.")
     if scheme == "zoo":
@@ -91,6 +94,20 @@ def load_model(spec: str, *, weights: str | Path | None = None) -> LoadedModel:
     return loaded
 
 
+# Builder arguments that fetch pretrained weights from a hub: cswap never downloads.
+DOWNLOAD_OPTIONS = ("weights", "weights_backbone", "pretrained", "pretrained_backbone")
+
+
+def _refuse_downloads(spec: str, options: dict) -> None:
+    asked = [key for key in DOWNLOAD_OPTIONS if options.get(key) not in (None, False)]
+    if asked:
+        raise CswapError(
+            f"{spec} asks for pretrained weights ({', '.join(asked)}): cswap never downloads "
+            "from a model hub.",
+            "drop the option and pass a local weights file with --weights FILE (weights=FILE).",
+        )
+
+
 def load_weights_file(model: nn.Module, path: str | Path) -> None:
     """Load a safetensors file or a PyTorch state dict (``weights_only``) into ``model``."""
     from cswap.zoo.store import load_state_dict_checked
@@ -101,15 +118,24 @@ def load_weights_file(model: nn.Module, path: str | Path) -> None:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        state = load_file(str(path))
+        try:
+            state = load_file(str(path))
+        except Exception as error:  # SafetensorError, OSError: a truncated or foreign file
+            raise CswapError(
+                f"Cannot read weights file {path}: it is not a valid safetensors file "
+                f"({first_line(error)}).",
+                "download or save it again (safetensors.torch.save_file(model.state_dict(), "
+                "PATH)).",
+            ) from error
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:
+        except Exception as error:  # torch's own message advises weights_only=False: unsafe
             raise CswapError(
-                f"Cannot read weights file {path}: {error}.",
+                f"Cannot read weights file {path} as a PyTorch state dict "
+                f"({type(error).__name__}).",
                 "pass a .safetensors file or a state dict saved with "
-                "torch.save(model.state_dict()).",
+                "torch.save(model.state_dict(), PATH); cswap never unpickles arbitrary objects.",
             ) from error
         if isinstance(state, dict) and "state_dict" in state:
             state = state["state_dict"]
@@ -142,12 +168,19 @@ def _load_torchvision(spec: str, name: str, options: dict) -> LoadedModel:
             f"torchvision has no model {name!r}.",
             "see torchvision.models.list_models() for the names.",
         )
+    import inspect
+
+    builder = torchvision.models.get_model_builder(name)
+    offline = {"weights": None}
+    if "weights_backbone" in inspect.signature(builder).parameters:
+        offline["weights_backbone"] = None  # its default downloads a backbone
     try:
-        model = torchvision.models.get_model(name, weights=None, **options)
-    except TypeError as error:
+        model = builder(**(offline | options))
+    except Exception as error:  # TypeError, KeyError, ValueError: the builder refused them
         raise CswapError(
-            f"torchvision:{name} rejected the options {options}: {error}.",
-            "pass only keyword arguments its builder accepts.",
+            f"torchvision:{name} could not be built with the options {options}: "
+            f"{type(error).__name__}: {first_line(error)}.",
+            "pass only keyword arguments its builder accepts, with valid values.",
         ) from error
     size = int(options.get("image_size", 299 if name == "inception_v3" else 224))
     preprocessing = Preprocessing((size, size), 3, IMAGENET_MEAN, IMAGENET_STD)
@@ -162,11 +195,12 @@ def _load_timm(spec: str, name: str, options: dict) -> LoadedModel:
             f"timm has no model {name!r}.", "see timm.list_models('*pattern*') for the names."
         )
     try:
-        model = timm.create_model(name, pretrained=False, **options)
-    except TypeError as error:
+        model = timm.create_model(name, **({"pretrained": False} | options))
+    except Exception as error:  # TypeError, KeyError, ValueError: the builder refused them
         raise CswapError(
-            f"timm:{name} rejected the options {options}: {error}.",
-            "pass only keyword arguments timm.create_model accepts for it.",
+            f"timm:{name} could not be built with the options {options}: "
+            f"{type(error).__name__}: {first_line(error)}.",
+            "pass only keyword arguments timm.create_model accepts for it, with valid values.",
         ) from error
     config = timm.data.resolve_data_config({}, model=model)
     channels, height, width = config["input_size"]

@@ -155,6 +155,21 @@ def _fraction(value) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
+def describe_targets(report: dict) -> list[str]:
+    """Each target in words: the goal, where the run stands, met or not, which one stopped it."""
+    names = {"params": "parameters", "macs": "MACs"}
+    lines = []
+    for item in report.get("target_status") or []:
+        verdict = "met" if item["met"] else "NOT met"
+        if item["stopped_the_run"]:
+            verdict += ", stopped the run"
+        lines.append(
+            f"remove {item['goal']:.1%} of the {names[item['kind']]}: removed "
+            f"{item['removed']:.1%} ({verdict})"
+        )
+    return lines
+
+
 def render_html(report: dict, directory: Path) -> str:
     """One self-contained page (images inlined) a person reads."""
     e = html.escape
@@ -163,7 +178,7 @@ def render_html(report: dict, directory: Path) -> str:
         ("method", e(str(report["method"]))),
         ("mode", e(str(report.get("mode")))),
         ("compensation", e(str((report.get("compensation") or {}).get("mode")))),
-        ("target", e(json.dumps(report.get("target")))),
+        *(("target", e(line)) for line in describe_targets(report)),
         ("stop reason", e(str(report.get("stop_reason")))),
     ]
     metrics = [

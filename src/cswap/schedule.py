@@ -29,6 +29,7 @@ runs through the very same loop.
 from __future__ import annotations
 
 import math
+import numbers
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -71,8 +72,19 @@ class ScheduleConfig:
     def __post_init__(self) -> None:
         if self.target_params is None and self.target_macs is None:
             raise CswapError(
-                "No target given.", "pass target_params=R or target_macs=R with R in (0, 1)."
+                "No target given: nothing says how much to remove.",
+                "give a fraction to remove: --target-params 0.3 or --target-macs 0.3 "
+                "(Python: target_params=0.3 or target_macs=0.3).",
             )
+        for name in ("target_params", "target_macs", "tolerance"):
+            value = getattr(self, name)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, numbers.Real)
+            ):
+                raise CswapError(
+                    f"{name}={value!r} is a {type(value).__name__}, not a number.",
+                    f"pass a number, e.g. {name}=0.3.",
+                )
         for name in ("target_params", "target_macs"):
             value = getattr(self, name)
             if value is not None and not 0.0 < value < 1.0:

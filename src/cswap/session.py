@@ -156,22 +156,40 @@ def _check_finite(model: nn.Module) -> None:
             )
 
 
-def tensors(data: Dataset | DataLoader, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def tensors(
+    data: Dataset | DataLoader, batch_size: int, name: str = "calibration"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """All (image, label) pairs of ``data`` as two tensors; ``name`` says which data in errors."""
     loader = data if isinstance(data, DataLoader) else DataLoader(data, batch_size=batch_size)
     images, labels = [], []
     for batch in loader:
         if not isinstance(batch, list | tuple) or len(batch) < 2:
             raise CswapError(
-                "Calibration/validation data must yield (image, label) pairs.",
+                f"The {name} data must yield (image, label) pairs.",
                 "wrap unlabeled images with dummy labels and use label_free=True.",
             )
         images.append(torch.as_tensor(batch[0]))
-        labels.append(torch.as_tensor(batch[1], dtype=torch.long).view(-1))
+        labels.append(_integer_labels(torch.as_tensor(batch[1]), name).view(-1))
     if not images:
-        raise CswapError(
-            "The calibration data is empty.", "supply at least a few images per class."
-        )
+        raise CswapError(f"The {name} data are empty.", f"supply {name} images.")
     return torch.cat(images), torch.cat(labels)
+
+
+def _integer_labels(labels: torch.Tensor, name: str) -> torch.Tensor:
+    """Class indices as int64; float labels only when every one is a whole number."""
+    if labels.is_floating_point():
+        if not bool(torch.isfinite(labels).all()) or bool((labels != labels.round()).any()):
+            bad = labels[~torch.isfinite(labels) | (labels != labels.round())].view(-1)[0]
+            raise CswapError(
+                f"The {name} labels are not class indices (e.g. {float(bad)}).",
+                "give integer class indices (0 .. classes - 1), not scores or one-hot rows.",
+            )
+    elif labels.dtype == torch.bool or labels.is_complex():
+        raise CswapError(
+            f"The {name} labels are {labels.dtype}, not class indices.",
+            "give integer class indices (0 .. classes - 1).",
+        )
+    return labels.to(torch.long)
 
 
 def _split_validation(
@@ -253,7 +271,7 @@ def prepare(
         )
         validation_source = f"a seeded {options.validation_fraction:.0%} of the calibration data"
     else:
-        val_images, val_labels = tensors(validation, options.batch_size)
+        val_images, val_labels = tensors(validation, options.batch_size, "validation")
         validation_source = "given"
     example = images[:1] if example_input is None else example_input[:1]
     _, num_classes = classifier_layers(working.cpu(), example.cpu())
@@ -292,9 +310,12 @@ def prepare(
         dropped = int((~keep).sum())
         images, labels = images[keep], labels[keep]
     if len(torch.unique(labels)) < 2:
+        filtered = f" after dropping {dropped} misclassified images" if dropped else ""
         raise CswapError(
-            "The calibration set holds fewer than two classes: class-conditional tests need two.",
-            "supply images of several classes.",
+            f"The calibration set holds fewer than two classes{filtered}: class-conditional "
+            "tests need two.",
+            "supply images of several classes"
+            + (" (or pass correct_only=False)." if dropped else "."),
         )
     space = discover_units(working.cpu(), example.cpu(), ignored_layers=options.ignored_layers)
     working.to(device)

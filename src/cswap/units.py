@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils import flop_counter
 
 from cswap.adapters import HeadSite, find_head_sites
-from cswap.errors import CswapError
+from cswap.errors import CswapError, running_model
 
 _MIXING_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
 _PER_CHANNEL_NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
@@ -192,45 +192,87 @@ def module_names(model: nn.Module) -> dict[nn.Module, str]:
 def classifier_layers(model: nn.Module, example_input: torch.Tensor) -> tuple[list[str], int]:
     """The layers that produce the class logits (protected), and the number of classes.
 
-    Refuses a model whose output is not (batch, classes).
+    Refuses a model whose output is not (batch, classes) of class scores (see
+    ``check_class_scores``), and images the model cannot run on.
     """
     names = module_names(model)
-    executed: list[tuple[str, tuple[int, ...]]] = []
+    executed: list[tuple[str, nn.Module, tuple[int, ...]]] = []
 
     def record(module, _inputs, output):
         if isinstance(output, torch.Tensor):
-            executed.append((names[module], tuple(output.shape)))
+            executed.append((names[module], module, tuple(output.shape)))
 
     handles = [
         module.register_forward_hook(record)
         for module in model.modules()
-        if isinstance(module, nn.Conv2d | nn.Linear | nn.Conv1d)
+        if isinstance(module, (nn.Conv2d, nn.Linear, nn.Conv1d, *_NORMS))
     ]
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), running_model(tuple(example_input.shape), "the calibration images"):
             output = model(example_input)
     finally:
         model.train(was_training)
         for handle in handles:
             handle.remove()
-    if not isinstance(output, torch.Tensor) or output.dim() != 2:
-        shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
-        raise CswapError(
-            f"The model's output is {shape}, not (batch, classes): it is not an image classifier.",
-            "wrap it so that forward(images) returns logits of shape (batch, classes).",
-        )
+    check_class_scores(model, output, executed)
     num_classes = output.shape[1]
-    candidates = [name for name, shape in executed if len(shape) >= 2 and shape[1] == num_classes]
+    layers = [(name, shape) for name, module, shape in executed if not isinstance(module, _NORMS)]
+    candidates = [name for name, shape in layers if len(shape) >= 2 and shape[1] == num_classes]
     if not candidates:
-        candidates = [name for name, shape in executed if shape[-1] == num_classes]
+        candidates = [name for name, shape in layers if shape[-1] == num_classes]
     if not candidates:
         raise CswapError(
             "Cannot find the layer that produces the class logits.",
             "pass it in ignored_layers (--ignore LAYER).",
         )
     return [candidates[-1]], num_classes
+
+
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)
+
+
+def check_class_scores(model: nn.Module, output, executed) -> None:
+    """Refuse an output that is not class scores: not (batch, classes), a headless backbone's
+    features (a normalization after the last weight layer, or timm's ``num_classes=0``), or
+    probabilities (a softmax already applied: every row non-negative and summing to 1)."""
+    if not isinstance(output, torch.Tensor) or output.dim() != 2:
+        shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+        raise CswapError(
+            f"The model's output is {shape}, not (batch, classes): it is not an image classifier.",
+            "wrap it so that forward(images) returns logits of shape (batch, classes).",
+        )
+    headless = getattr(model, "num_classes", None) == 0
+    last_norm = None
+    for name, module, _shape in executed:
+        last_norm = (name, type(module).__name__) if isinstance(module, _NORMS) else None
+    if headless or last_norm is not None:
+        found = (
+            "num_classes=0 (no classifier head)"
+            if headless
+            else f"its output comes from a {last_norm[1]} ({last_norm[0]}) after the last "
+            "Linear/conv layer"
+        )
+        raise CswapError(
+            f"The model's {output.shape[1]} outputs look like features, not class scores: {found}.",
+            "build it with its classifier head (e.g. timm:NAME?num_classes=10, or keep the "
+            "model's fc / head), or wrap it so that forward(images) returns logits.",
+        )
+    rows = output.double()
+    if (
+        output.shape[1] > 1
+        and bool((rows >= 0).all())
+        and bool(
+            torch.allclose(rows.sum(dim=1), torch.ones(len(rows), dtype=rows.dtype), atol=1e-4)
+        )
+    ):
+        raise CswapError(
+            "The model outputs probabilities (every row is non-negative and sums to 1): a "
+            "softmax is applied already, and effects on probabilities saturate.",
+            "pass the model without its final softmax, so that it returns logits "
+            "(log-probabilities from log_softmax are fine too).",
+        )
 
 
 def _mac_per_module(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]:

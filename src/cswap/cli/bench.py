@@ -70,9 +70,9 @@ def register(app: typer.Typer) -> None:
             str,
             typer.Option(
                 help="Comma-separated compensations (none, mean, lstsq); default: the tool's "
-                "default, mean. Each extra one is a further set of rows."
+                "default, lstsq. Each extra one is a further set of rows."
             ),
-        ] = "mean",
+        ] = "lstsq",
         targets: Annotated[
             str, typer.Option(help="Fractions of params removed.")
         ] = "0.1,0.2,0.3,0.4,0.5,0.6,0.7",

@@ -32,6 +32,8 @@ def _configure_logging(quiet: bool) -> None:
 
 
 def summary_lines(report: dict) -> list[str]:
+    from cswap.report import describe_targets  # matplotlib: only once a run has ended
+
     def pair(name, before, after, fmt):
         def show(value):
             return "-" if value is None else fmt.format(value)
@@ -39,8 +41,9 @@ def summary_lines(report: dict) -> list[str]:
         return f"  {name:22s} {show(before):>14s} -> {show(after):>14s}"
 
     return [
-        f"model {report['model']}, method {report['method']}, target {report.get('target')}, "
-        f"stop reason: {report.get('stop_reason')}",
+        f"model {report['model']}, method {report['method']}, stop reason: "
+        f"{report.get('stop_reason')}",
+        *(f"  target: {line}" for line in describe_targets(report)),
         pair("params", report["params_before"], report.get("params_after"), "{:,}"),
         pair("MACs / image", report["macs_before"], report.get("macs_after"), "{:,}"),
         pair(
@@ -97,23 +100,24 @@ def run_prune(
     mode: str = "progressive",
     compensate: str | None = None,
 ) -> dict:
-    from cswap.api import (
-        DEFAULT_COMPENSATE,
-        _check_choices,
-        _check_out_dir,
-        load_spec,
-        prune,
-        select_data,
-    )
+    from cswap.api import DEFAULT_COMPENSATE, _check_choices, load_spec, prune, select_data
+    from cswap.data.spec import check_data_spec
     from cswap.devices import resolve_device
+    from cswap.inputs import check_data_sizes, check_export, check_out_dir, finished_run
     from cswap.schedule import ScheduleConfig
+    from cswap.session import make_options
 
     compensate = compensate or DEFAULT_COMPENSATE
     # Check everything cheap before any work or any file is written.
+    check_out_dir(out, overwrite=overwrite, resume=resume)
+    if overwrite and finished_run(out) is not None:
+        resume = False  # --overwrite redoes a finished run; there is nothing to continue
+    check_export(export)
     _check_choices(method, mode, compensate)
-    if not resume:
-        _check_out_dir(out, overwrite)
+    make_options(options)
     ScheduleConfig(target_params=target_params, target_macs=target_macs, tolerance=tolerance)
+    check_data_sizes(calib_per_class, validation_size)
+    check_data_spec(data)
     device = resolve_device(device)
     loaded = load_spec(model, weights=weights)
     selection = select_data(
@@ -362,11 +366,15 @@ def register(app: typer.Typer) -> None:
         quiet: Annotated[bool, typer.Option(help="No progress bars or info logs.")] = False,
     ) -> None:
         """Score and categorise every unit without pruning (the explanation first)."""
-        from cswap.api import DEFAULT_COMPENSATE, _check_out_dir, load_spec, score, select_data
+        from cswap.api import DEFAULT_COMPENSATE, load_spec, score, select_data
+        from cswap.data.spec import check_data_spec
         from cswap.devices import resolve_device
+        from cswap.inputs import check_data_sizes, check_out_dir
 
         _configure_logging(quiet)
-        _check_out_dir(out, overwrite)
+        check_out_dir(out, overwrite=overwrite)
+        check_data_sizes(calib_per_class, None)
+        check_data_spec(data)
         resolved = resolve_device(device)
         loaded = load_spec(model, weights=weights)
         selection = select_data(

@@ -150,10 +150,11 @@ def draw_calibration(
         chosen += taken.tolist()
     positions = np.sort(np.asarray(chosen, dtype=np.int64))
     if len(np.unique(used_labels[positions])) < 2:
+        raise _too_few_classes(used_labels, eligible, label_free, correct_only)
+    if validation_size is not None and validation_size < 1:
         raise CswapError(
-            "The calibration set holds a single class: class-conditional tests need two or more.",
-            "supply images of several classes (or, label-free, images the model assigns to "
-            "several classes).",
+            f"validation_size {validation_size} leaves no image to validate on.",
+            "use e.g. --validation-size 2000, or leave it out to use the rest of the pool.",
         )
     rest = np.setdiff1d(np.arange(len(pool)), positions)
     if validation_size is not None and validation_size < len(rest):
@@ -173,4 +174,30 @@ def draw_calibration(
         correct_only=correct_only and not label_free,
         label_free=label_free,
         short_classes=short,
+    )
+
+
+def _too_few_classes(labels, eligible, label_free: bool, correct_only: bool) -> CswapError:
+    """Why fewer than two classes are left, in the user's terms."""
+    classes = len(np.unique(labels))
+    if label_free:
+        return CswapError(
+            f"The model assigns every one of the {len(labels)} images to one class: "
+            "class-conditional tests need two or more.",
+            "supply images the model assigns to several classes (a randomly initialised model "
+            "often predicts one class: load its trained weights with --weights FILE).",
+        )
+    if correct_only and classes >= 2:
+        kept = len(np.unique(labels[eligible]))
+        accuracy = float(np.mean(eligible))
+        return CswapError(
+            f"The model classifies only {accuracy:.1%} of the {len(labels)} labelled images "
+            f"correctly, so calibrating on correct images keeps {kept} of the data's "
+            f"{classes} classes; class-conditional tests need two.",
+            "check that the data's labels are the model's class indices (and the model its "
+            "trained weights); or use --label-free, or --no-correct-only.",
+        )
+    return CswapError(
+        f"The data hold {classes} class: class-conditional tests need two or more.",
+        "supply images of several classes.",
     )

@@ -60,8 +60,8 @@ def resolve_data(
     data_dir: str | Path | None = None,
     allow_single_class: bool = False,
 ) -> DataSource:
-    scheme, body, options = parse_spec(spec, kind="data", help_text=DATA_SPEC_HELP)
-    if scheme == "fashion-mnist" and not body:
+    scheme, body, options = check_data_spec(spec)
+    if scheme == "fashion-mnist":
         train = FashionMNIST("train", preprocessing=preprocessing, root=data_dir)
         test = FashionMNIST("test", preprocessing=preprocessing, root=data_dir)
         pool = fashion_mnist_split().heldout
@@ -75,12 +75,7 @@ def resolve_data(
             classes=CLASSES,
             preprocessing=preprocessing,
         )
-    if scheme == "imagefolder" and body:
-        unknown = sorted(set(options) - {"test_fraction", "seed"})
-        if unknown:
-            raise CswapError(
-                f"Unknown option(s) {unknown} in data spec {spec!r}.", f"use {DATA_SPEC_HELP}."
-            )
+    if scheme == "imagefolder":
         test_fraction = float(options.get("test_fraction", 0.0))
         seed = int(options.get("seed", 0))
         folder = ImageFolder(
@@ -98,4 +93,35 @@ def resolve_data(
             classes=tuple(folder.classes),
             preprocessing=preprocessing,
         )
-    raise CswapError(f"Unknown data spec {spec!r}.", f"use {DATA_SPEC_HELP}.")
+    raise AssertionError(scheme)  # check_data_spec knows every scheme
+
+
+def check_data_spec(spec: str) -> tuple[str, str, dict[str, str]]:
+    """(scheme, body, options) of a data spec, checked without reading any image."""
+    scheme, body, options = parse_spec(spec, kind="data", help_text=DATA_SPEC_HELP)
+    if scheme == "fashion-mnist" and not body and not options:
+        return scheme, body, options
+    if scheme != "imagefolder" or not body:
+        raise CswapError(f"Unknown data spec {spec!r}.", f"use {DATA_SPEC_HELP}.")
+    unknown = sorted(set(options) - {"test_fraction", "seed"})
+    if unknown:
+        raise CswapError(
+            f"Unknown option(s) {unknown} in data spec {spec!r}.", f"use {DATA_SPEC_HELP}."
+        )
+    try:
+        fraction = float(options.get("test_fraction", 0.0))
+        int(options.get("seed", 0))
+    except ValueError as error:
+        raise CswapError(
+            f"Data spec {spec!r}: {error}.", "test_fraction is a number, seed an integer."
+        ) from error
+    if not 0.0 <= fraction < 1.0:
+        raise CswapError(
+            f"test_fraction={fraction} in {spec!r} is outside [0, 1).", "use e.g. 0.2."
+        )
+    if not Path(body).is_dir():
+        raise CswapError(
+            f"Image folder {body} does not exist or is not a directory.",
+            "pass imagefolder:PATH with PATH/<class name>/<images>.",
+        )
+    return scheme, body, options
