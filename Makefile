@@ -8,7 +8,9 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
 
 .PHONY: setup demo test lint format clean-venv
 
-setup: $(STAMP) $(FASHION_MNIST)
+CHROMIUM := /usr/bin/chromium
+
+setup: $(STAMP) $(FASHION_MNIST) $(CHROMIUM)
 
 # torch and torchvision in ONE pip command first, then the rest with the same pins, so that no later
 # install can swap torch (see ../shared/ENVIRONMENT.md).
@@ -20,9 +22,11 @@ $(STAMP): requirements-dev.txt pyproject.toml
 	$(BIN)/pip install -q --no-deps -e .
 	touch $(STAMP)
 
-$(FASHION_MNIST):
+# Debian packages: the dataset and a real browser (the report's test opens it), in ONE apt run
+# (two at once fail on the dpkg lock).
+$(FASHION_MNIST) $(CHROMIUM) &:
 	@if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \
-	$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist
+	$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist chromium
 
 demo: setup
 	$(BIN)/cswap demo

@@ -23,7 +23,7 @@ from cswap.data.calibration import draw_calibration
 from cswap.errors import CswapError
 from cswap.export import save_model
 from cswap.models import load_model, load_weights_file
-from cswap.report import describe_targets
+from cswap.report_page import describe_targets
 from cswap.zoo.registry import get_entry
 
 runner = CliRunner()

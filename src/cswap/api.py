@@ -21,18 +21,19 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from cswap.categorize import Categorization
+from cswap.categorize import CRITICAL, Categorization
 from cswap.checkpoint import CHECKPOINT, CHECKPOINT_SCORES
 from cswap.compensation import Compensation
 from cswap.criteria import CRITERIA
 from cswap.data.batches import Batches
 from cswap.data.preprocessing import Preprocessing
 from cswap.errors import CswapError
-from cswap.evaluate import Evaluation, evaluate
+from cswap.evaluate import Evaluation, evaluate, per_class_counts, unit_evidence
 from cswap.export import export_onnx, save_model
 from cswap.export import load as load_saved
 from cswap.inputs import check_export, check_model_object, check_out_dir
-from cswap.report import units_arrays, write_report
+from cswap.measure import paired_latency, predict
+from cswap.report import thumbnails, units_arrays, write_report
 from cswap.schedule import (
     CANDIDATES_EXHAUSTED,
     ScheduleResult,
@@ -285,24 +286,11 @@ def prune(
         compensation=compensation,
     )
     test_batches = _test_batches(test, opts.batch_size)
-    before = evaluate(
-        prepared.model,
-        test_batches,
-        prepared.example_input,
-        device=prepared.device,
-        latency_threads=opts.latency_threads,
-    )
-    after = evaluate(
-        pruned,
-        test_batches,
-        prepared.example_input,
-        device=prepared.device,
-        latency_threads=opts.latency_threads,
-    )
-    pruned.to("cpu").eval()
+    before, after, measured = _final_measurements(prepared, pruned, test_batches, opts)
     first = ranker.rounds[0][1] if ranker.rounds else None
     report = _base_report(prepared, opts, model_spec, method, first)
     report |= _prune_summary(prepared, schedule_config, result, before, after, difference)
+    report |= measured
     report["mode"] = mode
     report["compensation"] = _compensation_report(compensation, compensate, sinks)
     if compensate == "mean" and result.removed:
@@ -321,6 +309,10 @@ def prune(
     if hint:
         log.warning(hint)
         report["warnings"].append(hint)
+    arrays = units_arrays(first) if first is not None else _score_arrays(ranker.scores)
+    report["evidence"], arrays["evidence_images"] = _evidence(
+        prepared, report["units"], compensation
+    )
     report["total_seconds"] = round(time.perf_counter() - started, 2)
     report["schedule_seconds"] = round(scoring_seconds, 2)
     return PruneResult(
@@ -330,8 +322,89 @@ def prune(
         base_spec=model_spec,
         plan=space.removal_plan(result.removed),
         example_input=prepared.example_input,
-        arrays=units_arrays(first) if first is not None else _score_arrays(ranker.scores),
+        arrays=arrays,
     )
+
+
+def _final_measurements(prepared: Session, pruned: nn.Module, test_batches, opts: Options):
+    """Test accuracy (overall, per class), params and MACs of both models; validation per
+    class; paired, interleaved latency at batch 1 and at a throughput batch."""
+    device = prepared.device
+    evaluations = [
+        evaluate(model, test_batches, prepared.example_input, device=device, latency=False)
+        for model in (prepared.model, pruned)
+    ]
+    validation_after, labels = predict(pruned.to(device), prepared.validation, device)
+    latency = [
+        paired_latency(
+            prepared.model, pruned, prepared.example_input, batch=batch,
+            threads=opts.latency_threads,
+        )
+        for batch in (1, opts.latency_batch)
+    ]  # fmt: skip
+    for model in (prepared.model, pruned):
+        model.to("cpu").eval()
+    prepared.model.to(device)
+    measured = {
+        "latency": [item.to_dict() for item in latency],
+        "latency_ms_before": latency[0].before_ms,
+        "latency_ms_after": latency[0].after_ms,
+        "per_class": {
+            "validation": _class_rows(
+                per_class_counts(prepared.reference_predictions, labels),
+                per_class_counts(validation_after, labels),
+            ),
+            "test": _class_rows(evaluations[0].per_class, evaluations[1].per_class),
+        },
+    }
+    return evaluations[0], evaluations[1], measured
+
+
+def _class_rows(before: dict, after: dict) -> list[dict]:
+    """One row per class: accuracy (agreement, label-free) before and after, and images."""
+    return [
+        {
+            "class": label,
+            "images": total,
+            "before": right / total,
+            "after": after[label][0] / total,
+        }
+        for label, (right, total) in sorted(before.items())
+    ]
+
+
+EVIDENCE_CRITICAL = 4  # the most critical units shown with their images
+EVIDENCE_REMOVED = 8  # removed units that cost accuracy, largest cost first
+
+
+def _evidence(prepared: Session, units: list[dict], compensation) -> tuple[list[dict], np.ndarray]:
+    """The calibration images whose label probability fell most when each unit was removed,
+    for the most critical units and the removed units that cost accuracy (xi < 0)."""
+    scored = [u for u in units if u.get("xi") is not None]
+    critical = sorted((u for u in scored if u["category"] == CRITICAL), key=lambda u: u["xi"])
+    costly = sorted(
+        (u for u in scored if u.get("removed_at_step") is not None and u["xi"] < 0),
+        key=lambda u: u["xi"],
+    )
+    chosen = [u["id"] for u in critical[:EVIDENCE_CRITICAL]]
+    chosen += [u["id"] for u in costly[:EVIDENCE_REMOVED] if u["id"] not in chosen]
+    if not chosen:
+        return [], np.zeros((0, 1, 1, 1), dtype=np.uint8)
+    found = unit_evidence(
+        prepared.model, prepared.space, chosen, prepared.calibration_images,
+        prepared.calibration_labels, compensation=compensation, device=prepared.device,
+    )  # fmt: skip
+    used = sorted({item["image"] for items in found.values() for item in items})
+    slot = {image: position for position, image in enumerate(used)}
+    entries = [
+        {
+            "unit": unit,
+            "why": "critical" if unit in chosen[: len(critical[:EVIDENCE_CRITICAL])] else "removed",
+            "images": [item | {"thumbnail": slot[item["image"]]} for item in items],
+        }
+        for unit, items in found.items()
+    ]
+    return entries, thumbnails(prepared.calibration_images[used].numpy())
 
 
 def _compensation_report(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
@@ -22,10 +22,20 @@ class Evaluation:
     images: int
     params: int
     macs: int  # per image
-    latency_ms: float  # batch of one, CPU, fixed threads
+    latency_ms: float | None  # batch of one, CPU, fixed threads (None: not measured here)
+    per_class: dict[int, tuple[int, int]] = field(default_factory=dict)  # label: (right, all)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def per_class_counts(predictions: torch.Tensor, labels: torch.Tensor) -> dict[int, tuple[int, int]]:
+    """{label: (images predicted right, images)} over the labels present."""
+    right = predictions == labels
+    return {
+        int(label): (int(right[labels == label].sum()), int((labels == label).sum()))
+        for label in torch.unique(labels)
+    }
 
 
 def evaluate(
@@ -35,14 +45,17 @@ def evaluate(
     *,
     device: str = "cpu",
     latency_threads: int = 1,
+    latency: bool = True,
 ) -> Evaluation:
-    """Accuracy on ``batches`` (on ``device``), params, MACs and CPU latency of one image."""
-    accuracy, images = None, 0
+    """Accuracy (overall and per class) on ``batches`` (on ``device``), params, MACs and, with
+    ``latency``, the CPU latency of one image."""
+    accuracy, images, classes = None, 0, {}
     model.to(device)
     if batches is not None:
         predictions, labels = predict(model, batches, device)
         images = len(labels)
         accuracy = float((predictions == labels).float().mean()) if images else None
+        classes = per_class_counts(predictions, labels) if images else {}
     cpu_model = model.to("cpu")
     example = example_input[:1].to("cpu")
     result = Evaluation(
@@ -50,7 +63,10 @@ def evaluate(
         images=images,
         params=count_params(cpu_model),
         macs=count_macs(cpu_model, example),
-        latency_ms=measure_latency(cpu_model, example, threads=latency_threads),
+        latency_ms=(
+            measure_latency(cpu_model, example, threads=latency_threads) if latency else None
+        ),
+        per_class=classes,
     )
     model.to(device)
     return result
@@ -86,3 +102,49 @@ def masked_validation(
         paired_se=paired_standard_error(reference_predictions, predictions, labels),
         images=len(labels),
     )
+
+
+def unit_evidence(
+    model: nn.Module,
+    space: UnitSpace,
+    units: Sequence[int],
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    compensation: Compensation | None = None,
+    device: str = "cpu",
+    top: int = 4,
+) -> dict[int, list[dict]]:
+    """For each unit, the ``top`` images whose probability of their label fell most when the unit
+    alone was removed (the intervention scoring measures), with the predictions before / after."""
+    model.eval()
+    intact = _probabilities(model, images, device)
+    rows = torch.arange(len(labels))
+    evidence = {}
+    for unit in units:
+        with removed(model, space, [unit], compensation):
+            probabilities = _probabilities(model, images, device)
+        drop = intact[rows, labels] - probabilities[rows, labels]
+        order = torch.argsort(drop, descending=True)[:top]
+        evidence[int(unit)] = [
+            {
+                "image": int(i),
+                "label": int(labels[i]),
+                "p_label_before": round(float(intact[i, labels[i]]), 4),
+                "p_label_after": round(float(probabilities[i, labels[i]]), 4),
+                "predicted_before": int(intact[i].argmax()),
+                "predicted_after": int(probabilities[i].argmax()),
+            }
+            for i in order.tolist()
+        ]
+    return evidence
+
+
+def _probabilities(model: nn.Module, images: torch.Tensor, device: str, batch: int = 256):
+    with torch.no_grad():
+        return torch.cat(
+            [
+                torch.softmax(model(images[i : i + batch].to(device)), dim=1).cpu()
+                for i in range(0, len(images), batch)
+            ]
+        )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Iterable
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
@@ -130,3 +131,91 @@ def accuracy(
     if len(labels) == 0:
         raise ValueError("accuracy() got no samples.")
     return float((predictions == labels).float().mean())
+
+
+@dataclass(frozen=True)
+class PairedLatency:
+    """Two models timed in alternation on the same input and threads (ms per image).
+
+    ``ratio`` is the median of the per-round ratios after / before: drift of the machine (other
+    jobs, frequency scaling) hits both models of a round alike and cancels in it.
+    """
+
+    batch: int
+    threads: int
+    rounds: int
+    before_ms: float  # median per image
+    after_ms: float
+    before_quartiles: tuple[float, float]
+    after_quartiles: tuple[float, float]
+    ratio: float  # after / before, median over rounds
+    ratio_quartiles: tuple[float, float]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _quartiles(values: list[float]) -> tuple[float, float]:
+    if len(values) < 2:
+        return (values[0], values[0])
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return (q[0], q[2])
+
+
+def paired_latency(
+    before: nn.Module,
+    after: nn.Module,
+    example_input: torch.Tensor,
+    *,
+    batch: int = 1,
+    threads: int = 1,
+    budget_s: float = 6.0,
+    min_rounds: int = 7,
+    max_rounds: int = 40,
+) -> PairedLatency:
+    """Alternating timings of ``before`` and ``after`` on a batch of ``batch`` images.
+
+    Each round times both models once (the order alternates between rounds); a timing repeats the
+    forward pass until it lasts ~20 ms, so the timer's resolution never dominates. The number of
+    rounds fits ``budget_s`` (within ``min_rounds`` .. ``max_rounds``).
+    """
+    images = example_input[:1].expand(batch, *example_input.shape[1:]).contiguous().cpu()
+    models = [before.cpu().eval(), after.cpu().eval()]
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            for model in models:  # warm up: allocator, caches, lazy initialisation
+                for _ in range(3):
+                    model(images)
+            single = max(_time(model, images, 1) for model in models)
+            inner = max(1, round(0.02 / max(single, 1e-6)))
+            rounds = int(min(max_rounds, max(min_rounds, budget_s / (2 * single * inner))))
+            times: list[list[float]] = [[], []]
+            for index in range(rounds):
+                order = (0, 1) if index % 2 == 0 else (1, 0)
+                for which in order:
+                    elapsed = _time(models[which], images, inner)
+                    times[which].append(elapsed * 1000.0 / batch)
+    finally:
+        torch.set_num_threads(previous_threads)
+    ratios = [a / b for a, b in zip(times[1], times[0], strict=True)]
+    return PairedLatency(
+        batch=batch,
+        threads=threads,
+        rounds=rounds,
+        before_ms=statistics.median(times[0]),
+        after_ms=statistics.median(times[1]),
+        before_quartiles=_quartiles(times[0]),
+        after_quartiles=_quartiles(times[1]),
+        ratio=statistics.median(ratios),
+        ratio_quartiles=_quartiles(ratios),
+    )
+
+
+def _time(model: nn.Module, images: torch.Tensor, repeats: int) -> float:
+    """Seconds per forward pass, averaged over ``repeats`` back-to-back passes."""
+    start = time.perf_counter()
+    for _ in range(repeats):
+        model(images)
+    return (time.perf_counter() - start) / repeats

@@ -83,6 +83,7 @@ class Options:
     batch_size: int = 256
     validation_fraction: float = 0.5  # of the calibration data, when no validation is given
     latency_threads: int = 1
+    latency_batch: int = 32  # the throughput batch of the paired latency (besides batch 1)
     milestones: tuple[float, ...] = ()  # params fractions the progressive loop must stop at
     # scoring speed (METHOD.md "Cost"): exact levers on, approximate ones off by default
     prefix_reuse: bool = True
@@ -555,7 +556,7 @@ def make_options(overrides: dict[str, Any]) -> Options:
         options.fast_config()
     except ValueError as error:
         raise CswapError(str(error), "see cswap prune --help for the ranges.") from error
-    for name in ("batch_size", "latency_threads", "min_class_size"):
+    for name in ("batch_size", "latency_threads", "latency_batch", "min_class_size"):
         if getattr(options, name) < 1:
             raise CswapError(f"{name} must be >= 1, got {getattr(options, name)}.", "use e.g. 1.")
     if options.units_per_pass is not None and options.units_per_pass < 0:

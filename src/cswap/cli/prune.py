@@ -32,7 +32,7 @@ def _configure_logging(quiet: bool) -> None:
 
 
 def summary_lines(report: dict) -> list[str]:
-    from cswap.report import describe_targets  # matplotlib: only once a run has ended
+    from cswap.report_page import describe_targets
 
     def pair(name, before, after, fmt):
         def show(value):
@@ -155,8 +155,52 @@ def run_prune(
         **options,
     )
     result.report["data"] = selection.summary
+    result.report["command"] = command_line(
+        model=model, data=data, out=out, target_params=target_params, target_macs=target_macs,
+        tolerance=tolerance, method=method, mode=mode, compensate=compensate,
+        calib_per_class=calib_per_class, validation_size=validation_size, label_free=label_free,
+        weights=weights, data_dir=data_dir, options=options,
+    )  # fmt: skip
     result.save(out, export=export, overwrite=True)
     return result.report
+
+
+# option name -> (flag when true / the flag, flag when false): the CLI spelling of Options
+_FLAG_NAMES = {"stat_test": "--test", "ignored_layers": "--ignore"}
+_BOOLEAN_FLAGS = {"allow_critical": ("--allow-critical", "--protect-critical")}
+
+
+def command_line(*, options: dict, **arguments) -> list[str]:
+    """The `cswap prune` command that reproduces this run: its explicit arguments, and every
+    option whose value differs from the default (the report's suggestions edit this)."""
+    from cswap.session import Options
+
+    args = ["cswap", "prune", "--model", arguments["model"], "--data", arguments["data"]]
+    args += ["--out", str(arguments["out"])]
+    for name in ("target_params", "target_macs", "tolerance", "calib_per_class"):
+        if arguments[name] is not None:
+            args += ["--" + name.replace("_", "-"), f"{arguments[name]:g}"]
+    for name in ("method", "mode", "compensate", "validation_size", "weights", "data_dir"):
+        if arguments[name] is not None:
+            args += ["--" + name.replace("_", "-"), str(arguments[name])]
+    if arguments["label_free"]:
+        args.append("--label-free")
+    defaults = Options()
+    for name, value in options.items():
+        if value == getattr(defaults, name, value) or (name == "sequential_looks" and not value):
+            continue
+        flag = _FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
+        if name == "sequential_looks":
+            args.append("--sequential")
+        elif name == "ignored_layers":
+            for layer in value:
+                args += [flag, layer]
+        elif isinstance(value, bool):
+            yes, no = _BOOLEAN_FLAGS.get(name, (flag, "--no-" + flag[2:]))
+            args.append(yes if value else no)
+        else:
+            args += [flag, str(value)]
+    return args
 
 
 def register(app: typer.Typer) -> None:
