@@ -744,3 +744,47 @@ def speed_bench(
         "peak_memory_mb": max(entry["peak_memory_mb"] for entry in results.values()),
         "levers": results,
     }
+
+
+def latency_stability(
+    run_dir: str | Path,
+    *,
+    repeats: int = 5,
+    batches: Sequence[int] = (1, 32),
+    threads: int = 1,
+    echo: Callable[[str], None] = print,
+) -> dict:
+    """The report's paired latency, measured ``repeats`` times on one saved run: how much the
+    before / after ratio moves between measurements (the spread is (max - min) / median)."""
+    from cswap.export import read_spec
+    from cswap.measure import paired_latency
+
+    _, spec = read_spec(run_dir)
+    if not spec.get("base_model"):
+        raise CswapError(
+            f"{run_dir} was saved from a model built in Python: its base cannot be rebuilt.",
+            "run this on the --out directory of a `cswap prune --model SPEC` run.",
+        )
+    base = api.load_spec(spec["base_model"]).model.eval()
+    pruned = api.load(run_dir).eval()
+    example = torch.randn(spec["example_input_shape"])
+    result = {
+        "run": str(run_dir),
+        "threads": threads,
+        "machine": platform.processor(),
+        "batches": {},
+    }
+    for batch in batches:
+        ratios = []
+        for repeat in range(repeats):
+            measured = paired_latency(base, pruned, example, batch=batch, threads=threads)
+            ratios.append(measured.ratio)
+            echo(
+                f"batch {batch:3d} #{repeat + 1}: before {measured.before_ms:.3f} ms, after "
+                f"{measured.after_ms:.3f} ms, ratio x{measured.ratio:.3f}"
+            )
+        median = float(np.median(ratios))
+        spread = (max(ratios) - min(ratios)) / median
+        result["batches"][str(batch)] = {"ratios": ratios, "median": median, "spread": spread}
+        echo(f"batch {batch:3d}: ratio x{median:.3f}, spread {spread:.1%} over {repeats} runs")
+    return result

@@ -140,6 +140,24 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"tables updated: {docs}")
         typer.echo(f"results: {out / 'results.csv'}")
 
+    @app.command("bench-latency")
+    @fail_cleanly
+    def bench_latency_command(
+        run: Annotated[Path, typer.Argument(help="The --out directory of a `cswap prune` run.")],
+        repeats: Annotated[int, typer.Option(min=1, help="Measurements of the ratio.")] = 5,
+        threads: Annotated[int, typer.Option(min=1, help="Torch threads.")] = 1,
+        out: Annotated[Path | None, typer.Option(help="Also write the JSON here.")] = None,
+    ) -> None:
+        """The report's paired latency measured REPEATS times: how stable the ratio is."""
+        import json
+
+        from cswap.bench import latency_stability
+
+        result = latency_stability(run, repeats=repeats, threads=threads, echo=typer.echo)
+        if out is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(result, indent=1) + "\n")
+
     @app.command("bench-speed")
     @fail_cleanly
     def bench_speed_command(
@@ -152,7 +170,7 @@ def register(app: typer.Typer) -> None:
             str,
             typer.Option(
                 help="Compensation of the scored interventions: none, mean or lstsq "
-                "(lstsq is scored with the means)."
+                "(lstsq scores the refitted removal, as cswap prune does)."
             ),
         ] = "mean",
         memory_budget_mb: Annotated[
