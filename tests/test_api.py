@@ -430,3 +430,19 @@ def test_the_progressive_run_ends_at_least_as_far_as_its_oneshot_cut(trained_tin
         assert progressive["stop_reason"] == "target_reached"
     else:  # both fail: the run backs off along the re-scored path
         assert progressive["units_removed"] > 0 or all(not p["accepted"] for p in probes)
+
+
+def test_timings_account_for_every_stage(result):
+    report = result.report
+    totals = report["timings"]["totals"]
+    assert {"prepare", "compensation statistics", "surgery", "final evaluation"} <= set(totals)
+    assert totals["scoring round"]["count"] == len(report["scoring_rounds"])
+    assert totals["validation step"]["count"] >= len(report["steps"])
+    assert totals["lstsq refit"]["within"] == "scoring round"
+    assert totals["paired latency"]["within"] == "final evaluation"
+    top_level = sum(entry["seconds"] for entry in totals.values() if entry["within"] is None)
+    assert top_level <= report["total_seconds"] + 0.01
+    stages = report["timings"]["stages"]
+    assert sum(s["seconds"] for s in stages if s["stage"] == "validation step") == pytest.approx(
+        totals["validation step"]["seconds"], abs=1e-2
+    )

@@ -7,6 +7,7 @@ model is never modified (the pipeline works on a copy).
 
 from __future__ import annotations
 
+import functools
 import logging
 import shutil
 import tempfile
@@ -50,6 +51,7 @@ from cswap.session import (
     run_progressive,
 )
 from cswap.surgery import check_equivalence, prune_and_fold
+from cswap.timings import Timings, stage
 from cswap.units import UnitSpace
 
 log = logging.getLogger("cswap")
@@ -152,6 +154,21 @@ def _test_batches(test: Dataset | DataLoader | None, batch_size: int):
     return Batches(test, batch_size)
 
 
+def _timed(function):
+    """Time the run's stages (``cswap.timings``) into ``report["timings"]``."""
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        timings = Timings()
+        with timings.activate():
+            result = function(*args, **kwargs)
+        result.report["timings"] = timings.to_dict()
+        return result
+
+    return wrapper
+
+
+@_timed
 def score(
     model: nn.Module,
     calibration: Dataset | DataLoader,
@@ -174,17 +191,10 @@ def score(
     _check_choices("cswap", "progressive", compensate)
     opts = make_options(options)
     started = time.perf_counter()
-    prepared = prepare(
-        model,
-        calibration,
-        validation,
-        example_input=example_input,
-        label_free=label_free,
-        device=device,
-        options=opts,
+    prepared, compensation = _prepare(
+        model, calibration, validation, example_input, label_free, device, opts, compensate,
         split_validation=False,
-    )
-    compensation = measure_compensation(prepared, compensate, opts)
+    )  # fmt: skip
     ranker = CausalRanker(prepared, opts, progress, compensation)
     categorization = ranker.categorization(())
     report = _base_report(prepared, opts, model_spec, "cswap", categorization)
@@ -196,6 +206,7 @@ def score(
     )
 
 
+@_timed
 def prune(
     model: nn.Module,
     calibration: Dataset | DataLoader,
@@ -243,16 +254,9 @@ def prune(
     if resume and checkpoint_dir is not None:  # a finished run is never re-run over
         check_out_dir(checkpoint_dir, resume=True)
     started = time.perf_counter()
-    prepared = prepare(
-        model,
-        calibration,
-        validation,
-        example_input=example_input,
-        label_free=label_free,
-        device=device,
-        options=opts,
+    prepared, compensation = _prepare(
+        model, calibration, validation, example_input, label_free, device, opts, compensate
     )
-    compensation = measure_compensation(prepared, compensate, opts)
     space = prepared.space
 
     validate = prepared.validator(compensation)
@@ -273,20 +277,22 @@ def prune(
             fingerprint_extra={"method": method, "compensate": compensate},
         )
     scoring_seconds = time.perf_counter() - started
-    pruned, sinks = prune_and_fold(
-        prepared.model.cpu(), space, list(result.removed), prepared.example_input, compensation
-    )
-    check_batch = prepared.calibration_images[: min(16, len(prepared.calibration_images))]
-    difference = check_equivalence(
-        prepared.model,
-        pruned,
-        space,
-        list(result.removed),
-        check_batch.cpu(),
-        compensation=compensation,
-    )
+    with stage("surgery"):
+        pruned, sinks = prune_and_fold(
+            prepared.model.cpu(), space, list(result.removed), prepared.example_input, compensation
+        )
+        check_batch = prepared.calibration_images[: min(16, len(prepared.calibration_images))]
+        difference = check_equivalence(
+            prepared.model,
+            pruned,
+            space,
+            list(result.removed),
+            check_batch.cpu(),
+            compensation=compensation,
+        )
     test_batches = _test_batches(test, opts.batch_size)
-    before, after, measured = _final_measurements(prepared, pruned, test_batches, opts)
+    with stage("final evaluation"):
+        before, after, measured = _final_measurements(prepared, pruned, test_batches, opts)
     first = ranker.rounds[0][1] if ranker.rounds else None
     report = _base_report(prepared, opts, model_spec, method, first)
     report |= _prune_summary(prepared, schedule_config, result, before, after, difference)
@@ -310,9 +316,10 @@ def prune(
         log.warning(hint)
         report["warnings"].append(hint)
     arrays = units_arrays(first) if first is not None else _score_arrays(ranker.scores)
-    report["evidence"], arrays["evidence_images"] = _evidence(
-        prepared, report["units"], compensation
-    )
+    with stage("evidence"):
+        report["evidence"], arrays["evidence_images"] = _evidence(
+            prepared, report["units"], compensation
+        )
     report["total_seconds"] = round(time.perf_counter() - started, 2)
     report["schedule_seconds"] = round(scoring_seconds, 2)
     return PruneResult(
@@ -335,13 +342,14 @@ def _final_measurements(prepared: Session, pruned: nn.Module, test_batches, opts
         for model in (prepared.model, pruned)
     ]
     validation_after, labels = predict(pruned.to(device), prepared.validation, device)
-    latency = [
-        paired_latency(
-            prepared.model, pruned, prepared.example_input, batch=batch,
-            threads=opts.latency_threads,
-        )
-        for batch in (1, opts.latency_batch)
-    ]  # fmt: skip
+    with stage("paired latency"):
+        latency = [
+            paired_latency(
+                prepared.model, pruned, prepared.example_input, batch=batch,
+                threads=opts.latency_threads,
+            )
+            for batch in (1, opts.latency_batch)
+        ]  # fmt: skip
     for model in (prepared.model, pruned):
         model.to("cpu").eval()
     prepared.model.to(device)
@@ -405,6 +413,34 @@ def _evidence(prepared: Session, units: list[dict], compensation) -> tuple[list[
         for unit, items in found.items()
     ]
     return entries, thumbnails(prepared.calibration_images[used].numpy())
+
+
+def _prepare(
+    model,
+    calibration,
+    validation,
+    example_input,
+    label_free,
+    device,
+    opts,
+    compensate,
+    split_validation: bool = True,
+) -> tuple[Session, Compensation | None]:
+    """The working session (data, units, baseline) and the compensation statistics."""
+    with stage("prepare"):
+        prepared = prepare(
+            model,
+            calibration,
+            validation,
+            example_input=example_input,
+            label_free=label_free,
+            device=device,
+            options=opts,
+            split_validation=split_validation,
+        )
+    with stage("compensation statistics"):
+        compensation = measure_compensation(prepared, compensate, opts)
+    return prepared, compensation
 
 
 def _compensation_report(

@@ -40,6 +40,7 @@ import torch_pruning as tp
 from torch import nn
 
 from cswap.errors import CswapError
+from cswap.timings import stage
 from cswap.units import UnitSpace
 
 log = logging.getLogger(__name__)
@@ -138,10 +139,11 @@ class Compensation:
         }
         layers = {target.layer for unit in space.units for target in unit.targets}
         bases = {}
-        for layer in sorted(layers):
-            if self.refits(layer):
-                indices = frozenset(removed_inputs.get(layer, ()))
-                bases[layer] = (indices, self.basis(modules[layer], layer, indices))
+        with stage("lstsq refit"):
+            for layer in sorted(layers):
+                if self.refits(layer):
+                    indices = frozenset(removed_inputs.get(layer, ()))
+                    bases[layer] = (indices, self.basis(modules[layer], layer, indices))
         return replace(self, bases=bases)
 
     def basis(self, module: nn.Module, layer: str, indices: Iterable[int]) -> RefitBasis:

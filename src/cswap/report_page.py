@@ -605,6 +605,27 @@ def _compensation_section(report: dict) -> str:
     )
 
 
+def _timings_section(report: dict) -> str:
+    totals = (report.get("timings") or {}).get("totals") or {}
+    if not totals:
+        return ""
+
+    first = {name: position for position, name in enumerate(totals)}
+
+    def order(item):  # stages in the order they ran, each followed by those nested in it
+        name, entry = item
+        return (first.get(entry["within"] or name, 0), entry["within"] is not None)
+
+    rows = "".join(
+        f"<tr><td>{e(name if entry['within'] is None else 'of which ' + name)}</td>"
+        f"<td>{entry['count']}</td><td>{entry['seconds']:.1f}</td></tr>"
+        for name, entry in sorted(totals.items(), key=order)
+    )
+    return f"""<h2>Where the time went</h2>
+<p>Wall time per stage of the run ({report.get("total_seconds")} s in all).</p>
+<table><tr><th>stage</th><th>times</th><th>seconds</th></tr>{rows}</table>"""
+
+
 def details_sections(report: dict, directory: Path) -> str:
     steps = "".join(
         f"<tr class={'ok' if s['accepted'] else 'no'}><td>{s['index']}</td>"
@@ -621,6 +642,7 @@ def details_sections(report: dict, directory: Path) -> str:
     warnings = "".join(f"<li>{e(w)}</li>" for w in report.get("warnings", []))
     settings = e(json.dumps(report.get("settings", {}), indent=1))
     return f"""{_ranking_section(report, directory)}
+{_timings_section(report)}
 <h2>Steps</h2>
 {_image(directory, "steps.png")}
 <table><tr><th>step</th><th>units</th><th>verdict</th><th>params</th><th>MACs</th>

@@ -50,6 +50,7 @@ from cswap.schedule import (
     run_schedule,
 )
 from cswap.scoring import causal_effects
+from cswap.timings import stage
 from cswap.units import UnitSpace, classifier_layers, discover_units
 
 log = logging.getLogger("cswap")
@@ -235,15 +236,16 @@ class Session:
         the unpruned model's reference, on the validation batches."""
 
         def validate(units) -> Validation:
-            return masked_validation(
-                self.model,
-                self.space,
-                units,
-                self.validation,
-                self.reference_predictions,
-                device=self.device,
-                compensation=compensation,
-            )
+            with stage("validation step"):
+                return masked_validation(
+                    self.model,
+                    self.space,
+                    units,
+                    self.validation,
+                    self.reference_predictions,
+                    device=self.device,
+                    compensation=compensation,
+                )
 
         return validate
 
@@ -395,7 +397,10 @@ class CausalRanker:
             "memory_budget_mb": options.memory_budget_mb,
         }
         fast = options.fast_config()
-        with _progress_bar(remaining, "scoring units", self.progress) as bar:
+        with (
+            stage("scoring round"),
+            _progress_bar(remaining, "scoring units", self.progress) as bar,
+        ):
             if fast.looks or fast.screen:
                 result = fast_categorize(
                     prepared.model,
@@ -442,16 +447,17 @@ class CriterionRanker:
         self.method = method
         self.rounds: list[tuple[int, Categorization]] = []
         self.preset: Ranking | None = None
-        self.scores = criterion_scores(
-            method,
-            prepared.model,
-            prepared.space,
-            images=prepared.calibration_images,
-            labels=prepared.calibration_labels,
-            seed=options.seed,
-            batch_size=options.batch_size,
-            device=prepared.device,
-        )
+        with stage("criterion scoring"):
+            self.scores = criterion_scores(
+                method,
+                prepared.model,
+                prepared.space,
+                images=prepared.calibration_images,
+                labels=prepared.calibration_labels,
+                seed=options.seed,
+                batch_size=options.batch_size,
+                device=prepared.device,
+            )
 
     def __call__(self, removed: tuple[int, ...]) -> Ranking:
         if self.preset is not None:

@@ -33,6 +33,7 @@ def _configure_logging(quiet: bool) -> None:
 
 def summary_lines(report: dict) -> list[str]:
     from cswap.report_page import describe_targets
+    from cswap.timings import summary as timing_summary
 
     def pair(name, before, after, fmt):
         def show(value):
@@ -73,6 +74,11 @@ def summary_lines(report: dict) -> list[str]:
         f"  units removed {report.get('units_removed')} (critical at removal: "
         f"{report.get('critical_removed', 0)}), failed {report.get('units_failed')}, "
         f"{len(report.get('steps', []))} validation steps, {report.get('total_seconds')} s",
+        *(
+            [f"  time: {timing_summary(report['timings']['totals'])}"]
+            if report.get("timings")
+            else []
+        ),
     ]
 
 
