@@ -59,6 +59,7 @@ METHODS = ("cswap", *CRITERIA)
 MODES = ("progressive", "oneshot")
 COMPENSATIONS = ("none", "mean", "lstsq")
 DEFAULT_COMPENSATE = "lstsq"
+SHARDS = "checkpoint_shards"  # finished shards of Ray workers, while a run is unfinished
 OUTPUT_FILES = (
     "report.json",
     "units.npz",
@@ -120,6 +121,7 @@ class PruneResult:
             shutil.rmtree(staging, ignore_errors=True)
         for name in (CHECKPOINT, CHECKPOINT_SCORES):
             (out / name).unlink(missing_ok=True)
+        shutil.rmtree(out / SHARDS, ignore_errors=True)
         return out
 
 
@@ -195,8 +197,11 @@ def score(
         model, calibration, validation, example_input, label_free, device, opts, compensate,
         split_validation=False,
     )  # fmt: skip
-    ranker = CausalRanker(prepared, opts, progress, compensation)
-    categorization = ranker.categorization(())
+    ranker = make_ranker("cswap", "progressive", prepared, opts, progress, compensation)
+    try:
+        categorization = ranker.categorization(())
+    finally:
+        ranker.close()
     report = _base_report(prepared, opts, model_spec, "cswap", categorization)
     report |= {"mode": None, "compensation": _compensation_report(compensation, compensate, {})}
     report["units"] = _unit_entries(prepared.space, categorization, None, None, None)
@@ -261,21 +266,24 @@ def prune(
 
     validate = prepared.validator(compensation)
     cost_kind = "macs" if target_params is None else "params"
-    ranker = make_ranker(method, mode, prepared, opts, progress, compensation, cost_kind)
-    if mode == "oneshot":
-        result = oneshot_result(space, schedule_config, ranker(()), validate, prepared.baseline)
-    else:
-        result = run_progressive(
-            prepared,
-            opts,
-            schedule_config,
-            ranker,
-            validate,
-            progress=progress,
-            checkpoint_dir=checkpoint_dir,
-            resume=resume,
-            fingerprint_extra={"method": method, "compensate": compensate},
-        )
+    shard_dir = Path(checkpoint_dir) / SHARDS if checkpoint_dir is not None else None
+    if shard_dir is not None and not resume:  # shards of an earlier run must not be reused
+        shutil.rmtree(shard_dir, ignore_errors=True)
+    ranker = make_ranker(
+        method, mode, prepared, opts, progress, compensation, cost_kind, shard_dir=shard_dir
+    )
+    try:
+        if mode == "oneshot":
+            ranking = ranker(())
+            result = oneshot_result(space, schedule_config, ranking, validate, prepared.baseline)
+        else:
+            result = run_progressive(
+                prepared, opts, schedule_config, ranker, validate, progress=progress,
+                checkpoint_dir=checkpoint_dir, resume=resume,
+                fingerprint_extra={"method": method, "compensate": compensate},
+            )  # fmt: skip
+    finally:
+        ranker.close()
     scoring_seconds = time.perf_counter() - started
     with stage("surgery"):
         pruned, sinks = prune_and_fold(

@@ -99,6 +99,7 @@ class Compensation:
     fallback: dict[str, str] | None = None  # lstsq: layer -> why it is mean-compensated instead
     # lstsq: layer -> (input channels of the base removal, its refit), see ``with_base``
     bases: dict[str, tuple[frozenset[int], RefitBasis]] | None = None
+    base: frozenset[int] | None = None  # the units ``bases`` were computed for
 
     def refits(self, layer: str) -> bool:
         """Whether ``layer`` is refitted (lstsq with a Gram matrix) rather than mean-shifted."""
@@ -133,6 +134,9 @@ class Compensation:
         units costs no linear solve of the layer's size. Scoring rounds use it."""
         if self.mode != "lstsq" or not self.grams:
             return self
+        base = frozenset(base)
+        if self.bases is not None and self.base == base:  # already computed for this base
+            return self
         modules = dict(model.named_modules())
         removed_inputs = {
             layer: indices for layer, (_, indices) in consumer_indices(space, base).items()
@@ -144,7 +148,7 @@ class Compensation:
                 if self.refits(layer):
                     indices = frozenset(removed_inputs.get(layer, ()))
                     bases[layer] = (indices, self.basis(modules[layer], layer, indices))
-        return replace(self, bases=bases)
+        return replace(self, bases=bases, base=base)
 
     def basis(self, module: nn.Module, layer: str, indices: Iterable[int]) -> RefitBasis:
         """The refit of ``module`` with input channels ``indices`` removed, kept in a form from

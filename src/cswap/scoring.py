@@ -56,6 +56,24 @@ class CausalEffects:
         )
 
 
+def join_effects(parts: list[CausalEffects]) -> CausalEffects:
+    """The effects of several disjoint sets of units (same samples, same baseline), in order."""
+    first = parts[0]
+
+    def stacked(name):
+        values = [getattr(part, name) for part in parts]
+        return None if any(v is None for v in values) else np.concatenate(values)
+
+    return CausalEffects(
+        unit_ids=np.concatenate([part.unit_ids for part in parts]),
+        relative_effects=np.concatenate([part.relative_effects for part in parts]),
+        labels=first.labels,
+        baseline=first.baseline,
+        log_ratio=stacked("log_ratio"),
+        kl=stacked("kl"),
+    )
+
+
 def _cut_layer(space: UnitSpace, unit_id: int, runner: SuffixRunner | None) -> str | None:
     """The unit's earliest consumer in the traced graph: everything before it is unchanged."""
     if runner is None:

@@ -90,6 +90,9 @@ class Options:
     prefix_reuse: bool = True
     units_per_pass: int | None = None  # None: auto (1 on CPU); 0: fill memory_budget_mb
     memory_budget_mb: float = 1024.0
+    # scale-out: score on Ray workers (0: in this process); ray_address joins a cluster
+    workers: int = 0
+    ray_address: str | None = None
     sequential_looks: tuple[float, ...] = ()  # e.g. (0.25, 0.5, 0.75); () = fixed-n tests
     early_alpha_share: float = 0.25
     futility: float = 0.05
@@ -383,6 +386,11 @@ class CausalRanker:
         self.rounds: list[tuple[int, Categorization]] = []  # (units removed before, result)
         self.preset: Ranking | None = None
         self.scores: np.ndarray | None = None
+        self.backend = None  # a RayScoring: exact effects computed on workers
+
+    def close(self) -> None:
+        if self.backend is not None:
+            self.backend.close()
 
     def categorization(self, removed: tuple[int, ...]) -> Categorization:
         prepared = self.prepared
@@ -416,7 +424,8 @@ class CausalRanker:
                     **scoring,
                 ).categorization
             else:
-                effects = causal_effects(
+                score = causal_effects if self.backend is None else self.backend.effects
+                effects = score(
                     prepared.model,
                     prepared.space,
                     prepared.calibration_images,
@@ -447,6 +456,7 @@ class CriterionRanker:
         self.method = method
         self.rounds: list[tuple[int, Categorization]] = []
         self.preset: Ranking | None = None
+        self.backend = None
         with stage("criterion scoring"):
             self.scores = criterion_scores(
                 method,
@@ -458,6 +468,9 @@ class CriterionRanker:
                 batch_size=options.batch_size,
                 device=prepared.device,
             )
+
+    def close(self) -> None:
+        pass
 
     def __call__(self, removed: tuple[int, ...]) -> Ranking:
         if self.preset is not None:
@@ -474,14 +487,21 @@ def make_ranker(
     progress: bool,
     compensation: Compensation | None,
     cost_kind: str = "params",
+    shard_dir: Path | None = None,
 ):
     """The ranker of ``method``; ``cost_kind`` (params or macs, after the target) weighs the
-    causal damage per unit saved."""
+    causal damage per unit saved; ``shard_dir`` keeps Ray workers' finished shards."""
     if method == "cswap":
         allow = True if mode == "oneshot" else None
-        return CausalRanker(
+        ranker = CausalRanker(
             prepared, options, progress, compensation, allow_critical=allow, cost_kind=cost_kind
         )
+        if options.workers or options.ray_address:
+            from cswap.distributed import RayConfig, RayScoring
+
+            config = RayConfig(workers=max(1, options.workers), address=options.ray_address)
+            ranker.backend = RayScoring(config, device=prepared.device, store=shard_dir)
+        return ranker
     return CriterionRanker(method, prepared, options)
 
 
@@ -572,7 +592,23 @@ def make_options(overrides: dict[str, Any]) -> Options:
         )
     if not 0.0 < options.validation_fraction < 1.0:
         raise CswapError("validation_fraction must be in (0, 1).", "use e.g. 0.5.")
+    _check_workers(options)
     return options
+
+
+def _check_workers(options: Options) -> None:
+    if options.workers < 0:
+        raise CswapError(f"workers must be >= 0, got {options.workers}.", "use e.g. --workers 2.")
+    if not (options.workers or options.ray_address):
+        return
+    from cswap.distributed import require_ray
+
+    require_ray()
+    if options.sequential_looks or options.screen:
+        raise CswapError(
+            "--workers scores every unit exactly: --sequential and --screen run in one process.",
+            "drop --sequential / --screen, or --workers.",
+        )
 
 
 def run_progressive(

@@ -78,3 +78,11 @@ def summary(totals: dict[str, dict]) -> str:
         ]
         parts.append(text + (f" [of which {', '.join(inner)}]" if inner else ""))
     return "; ".join(parts)
+
+
+def record(name: str, seconds: float) -> None:
+    """Add time measured elsewhere (e.g. on a worker) as ``name``, within the current stage."""
+    timings = _CURRENT.get()
+    if timings is not None:
+        within = timings._open[-1] if timings._open else None
+        timings.records.append({"stage": name, "seconds": round(seconds, 4), "within": within})

@@ -22,6 +22,18 @@ DataOption = Annotated[
     str, typer.Option("--data", help="fashion-mnist | imagefolder:PATH[?test_fraction=F&seed=N].")
 ]
 OutOption = Annotated[Path, typer.Option("--out", help="Output directory.")]
+WorkersOption = Annotated[
+    int,
+    typer.Option(
+        min=0,
+        help="Score on N Ray workers (a local runtime; needs `pip install cswap[ray]`); "
+        "0: in this process.",
+    ),
+]
+RayAddressOption = Annotated[
+    str | None,
+    typer.Option(help="Join a running Ray cluster (e.g. auto) instead of starting one."),
+]
 
 
 def _configure_logging(quiet: bool) -> None:
@@ -330,6 +342,8 @@ def register(app: typer.Typer) -> None:
         memory_budget_mb: Annotated[
             float, typer.Option(help="Memory budget of batched interventions.")
         ] = 1024.0,
+        workers: WorkersOption = 0,
+        ray_address: RayAddressOption = None,
         device: DeviceOption = None,
         batch_size: BatchSizeOption = 256,
         quiet: Annotated[bool, typer.Option(help="No progress bars or info logs.")] = False,
@@ -383,6 +397,8 @@ def register(app: typer.Typer) -> None:
                 "screen": screen,
                 "units_per_pass": units_per_pass,
                 "memory_budget_mb": memory_budget_mb,
+                "workers": workers,
+                "ray_address": ray_address,
             },
         )
         if as_json:
@@ -411,6 +427,8 @@ def register(app: typer.Typer) -> None:
             str | None, typer.Option(help="Score compensated removals: mean or none.")
         ] = None,
         seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+        workers: WorkersOption = 0,
+        ray_address: RayAddressOption = None,
         device: DeviceOption = None,
         batch_size: BatchSizeOption = 256,
         quiet: Annotated[bool, typer.Option(help="No progress bars or info logs.")] = False,
@@ -452,6 +470,8 @@ def register(app: typer.Typer) -> None:
             ignored_layers=tuple(ignore),
             seed=seed,
             batch_size=batch_size,
+            workers=workers,
+            ray_address=ray_address,
         )
         result.report["data"] = selection.summary
         result.save(out, overwrite=True)
