@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 import platform
 import time
 from collections.abc import Callable, Sequence
@@ -787,4 +788,65 @@ def latency_stability(
         spread = (max(ratios) - min(ratios)) / median
         result["batches"][str(batch)] = {"ratios": ratios, "median": median, "spread": spread}
         echo(f"batch {batch:3d}: ratio x{median:.3f}, spread {spread:.1%} over {repeats} runs")
+    return result
+
+
+def scale_bench(
+    spec: str,
+    *,
+    workers: Sequence[int] = (1, 2),
+    calib_per_class: int = 10,
+    compensate: str = "lstsq",
+    seed: int = 0,
+    echo: Callable[[str], None] = print,
+) -> dict:
+    """One first scoring of ``spec`` in this process (1 torch thread) and on Ray with each worker
+    count: wall time, speedup, per-unit cost, and whether the effects are identical."""
+    from cswap.distributed import RayConfig, RayScoring, require_ray
+    from cswap.scoring import causal_effects
+
+    ray = require_ray()
+    loaded = api.load_spec(spec)
+    selection = api.select_data(
+        loaded, "fashion-mnist", per_class=calib_per_class, validation_size=100, seed=seed
+    )
+    options = make_options({"seed": seed, "min_class_size": 2})
+    prepared = prepare(
+        loaded.model, selection.calibration, selection.validation, example_input=None,
+        label_free=False, device="cpu", options=options,
+    )  # fmt: skip
+    compensation = measure_compensation(prepared, compensate, options)
+    inputs = (prepared.model, prepared.space, prepared.calibration_images)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        started = time.perf_counter()
+        alone = causal_effects(*inputs, prepared.calibration_labels, compensation=compensation)
+        single = time.perf_counter() - started
+    finally:
+        torch.set_num_threads(threads)
+    units, images = len(alone.unit_ids), len(prepared.calibration_images)
+    result = {
+        "model": spec, "units": units, "images": images, "compensate": compensate,
+        "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+        "single_process_seconds": round(single, 2),
+        "seconds_per_unit_image": single / (units * images), "workers": {},
+    }  # fmt: skip
+    echo(f"{spec}: {units} units x {images} images, one process (1 thread): {single:.1f} s")
+    for count in workers:
+        ray.init(num_cpus=count, include_dashboard=False, log_to_driver=False)
+        scorer = RayScoring(RayConfig(workers=count))
+        try:
+            started = time.perf_counter()
+            spread = scorer.effects(*inputs, prepared.calibration_labels, compensation=compensation)
+            seconds = time.perf_counter() - started
+        finally:
+            scorer.close()
+            ray.shutdown()
+        same = bool(np.array_equal(spread.relative_effects, alone.relative_effects))
+        result["workers"][str(count)] = {
+            "seconds": round(seconds, 2), "speedup": round(single / seconds, 2),
+            "identical": same, "worker_seconds": scorer.worker_seconds,
+        }  # fmt: skip
+        echo(f"  {count} worker(s): {seconds:.1f} s, x{single / seconds:.2f}, identical: {same}")
     return result

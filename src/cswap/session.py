@@ -696,6 +696,10 @@ def checkpoint_fingerprint(prepared: Session, options: Options, config: Schedule
         "data_sha256": data.hexdigest(),
         "units": len(prepared.space),
         "calibration": prepared.calibration_info,
-        "options": options.to_dict(),
+        # where the scoring runs does not change its results: resume with other workers
+        "options": {k: v for k, v in options.to_dict().items() if k not in RUN_PLACE},
         "schedule": config.to_dict(),
     }
+
+
+RUN_PLACE = ("workers", "ray_address")

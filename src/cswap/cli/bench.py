@@ -158,6 +158,29 @@ def register(app: typer.Typer) -> None:
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(result, indent=1) + "\n")
 
+    @app.command("bench-scale")
+    @fail_cleanly
+    def bench_scale_command(
+        model: Annotated[str, typer.Option(help="Model spec.")] = "zoo:resnet20",
+        workers: Annotated[str, typer.Option(help="Worker counts to time.")] = "1,2",
+        calib_per_class: Annotated[int, typer.Option(help="Calibration images per class.")] = 10,
+        compensate: Annotated[str, typer.Option(help="none, mean or lstsq.")] = "lstsq",
+        out: Annotated[Path | None, typer.Option(help="Also write the JSON here.")] = None,
+    ) -> None:
+        """Scoring on Ray workers against one process: time, speedup, identical effects."""
+        import json
+
+        from cswap.bench import parse_list, scale_bench
+
+        counts = [int(c) for c in parse_list(workers)]
+        result = scale_bench(
+            model, workers=counts, calib_per_class=calib_per_class, compensate=compensate,
+            echo=typer.echo,
+        )  # fmt: skip
+        if out is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(result, indent=1) + "\n")
+
     @app.command("bench-speed")
     @fail_cleanly
     def bench_speed_command(
