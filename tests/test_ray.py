@@ -16,6 +16,7 @@ from cswap.scoring import causal_effects
 from cswap.session import make_options, measure_compensation, prepare
 
 ray = pytest.importorskip("ray")  # a dev pin: CI has it; `pip install cswap[ray]` elsewhere
+PER_WORKER = RayConfig(workers=2).shards_per_worker
 
 
 @pytest.fixture(scope="module")
@@ -23,6 +24,16 @@ def runtime():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
+    wait_for_no_ray_process()  # the tests' workers went with the runtime
+
+
+def wait_for_no_ray_process(seconds: float = 20) -> None:
+    import time
+
+    deadline = time.monotonic() + seconds
+    while ray_processes() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert ray_processes() == []
 
 
 def scoring_inputs(spec: str, per_class: int = 2, compensate: str = "lstsq"):
@@ -70,6 +81,36 @@ def test_sharding_is_deterministic_and_covers_every_unit():
     assert shards([], 2, 4) == []
 
 
+def ray_processes() -> list[str]:
+    """Command lines of Ray's processes (raylet, GCS, workers) that are still alive."""
+    import os
+    from pathlib import Path
+
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="ignore")
+        except OSError:
+            continue
+        if any(mark in command for mark in ("raylet", "gcs_server", "ray::", "default_worker.py")):
+            found.append(command[:120])
+    return found
+
+
+def test_a_runtime_the_scorer_starts_leaves_no_process_behind():
+    assert not ray.is_initialized() and ray_processes() == []
+    prepared, compensation, _ = scoring_inputs("zoo:resnet20", compensate="mean")
+    units = [unit.id for unit in prepared.space.units][:16]
+    scorer = RayScoring(RayConfig(workers=2))  # no runtime yet: it starts a local one
+    assert ray.is_initialized() and ray_processes()
+    on_workers(scorer, prepared, compensation, units=units)
+    scorer.close()
+    assert not ray.is_initialized()
+    wait_for_no_ray_process()
+
+
 @pytest.mark.parametrize(("spec", "already"), [("zoo:resnet20", (3, 40)), ("zoo:vit", ())])
 def test_two_workers_give_the_single_process_effects(runtime, spec, already):
     prepared, compensation, options = scoring_inputs(spec)
@@ -84,7 +125,7 @@ def test_two_workers_give_the_single_process_effects(runtime, spec, already):
     assert np.array_equal(ours.xi, theirs.xi)
     assert list(ours.categories) == list(theirs.categories)
     assert len(scorer.worker_seconds) == 2  # both workers scored shards
-    assert len(scorer.computed) == len(shards(reference.unit_ids, 2, 4))
+    assert len(scorer.computed) == len(shards(reference.unit_ids, 2, PER_WORKER))
     scorer.close()
     assert ray.is_initialized()  # a runtime the scorer did not start is left running
 
@@ -110,7 +151,7 @@ def test_a_worker_killed_mid_run_changes_nothing(resnet):
     try:
         assert_same(on_workers(scorer, prepared, compensation, units=units), reference)
         assert killed and scorer._count > 2  # a replacement worker was started
-        assert len(set(scorer.computed)) == len(shards(units, 2, 4))
+        assert len(set(scorer.computed)) == len(shards(units, 2, PER_WORKER))
         # the workers stay for the next scoring round, which gives the same effects again
         assert_same(on_workers(scorer, prepared, compensation, units=units), reference)
         assert scorer._count == 3
@@ -136,7 +177,7 @@ def test_an_interrupted_driver_resumes_without_recomputing_finished_shards(resne
         assert_same(on_workers(resumed, prepared, compensation, units=units), reference)
     finally:
         resumed.close()
-    total = len(shards(units, 2, 4))
+    total = len(shards(units, 2, PER_WORKER))
     assert len(resumed.computed) == total - 2
     assert not set(resumed.computed) & set(finished)
 

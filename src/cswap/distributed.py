@@ -47,7 +47,7 @@ class RayConfig:
     workers: int  # actors to start (one per GPU when the device is cuda)
     address: str | None = None  # None: a local runtime with ``workers`` CPUs; "auto": a cluster
     threads: int = 1  # torch threads per worker (the single-process run's count, for identity)
-    shards_per_worker: int = 4  # smaller shards balance better, larger ones cost less overhead
+    shards_per_worker: int = 16  # units differ in cost (a suffix per unit): small shards balance
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -217,6 +217,8 @@ class RayScoring:
         if todo:
             if next(model.parameters()).device.type != "cpu":  # the object store holds CPU copies
                 model = copy.deepcopy(model).cpu()
+            if compensation is not None:  # the round's refits once, here, not once per worker
+                compensation = self._refits(compensation, model, space, already)
             payload = {
                 "model": model, "space": space, "images": images, "labels": labels,
                 "already": already, "compensation": compensation,
@@ -225,6 +227,16 @@ class RayScoring:
             _ship_by_value(model)
             done |= self._run(self.ray.put(payload), todo, progress)
         return join_effects([_effects(done[key]) for key in keys])
+
+    def _refits(self, compensation, model, space, already) -> Compensation:
+        """The round's refit bases, computed with the workers' thread count: a float64 inverse
+        can differ in its last bits with another count, and the effects would follow."""
+        threads = torch.get_num_threads()
+        torch.set_num_threads(self.config.threads)
+        try:
+            return compensation.with_base(model, space, already)
+        finally:
+            torch.set_num_threads(threads)
 
     def _run(self, payload_ref, todo, progress) -> dict[str, dict]:
         """Each worker takes the next shard when it finishes one; a dead worker is replaced
