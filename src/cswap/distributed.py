@@ -34,7 +34,7 @@ from torch import nn
 
 from cswap.compensation import Compensation
 from cswap.errors import CswapError, first_line
-from cswap.scoring import CausalEffects, causal_effects, join_effects
+from cswap.scoring import CausalEffects, causal_effects, join_effects, remaining_units
 from cswap.timings import record
 from cswap.units import UnitSpace
 
@@ -168,8 +168,7 @@ class RayScoring:
         actor = self._remote.options(num_cpus=self.config.threads, num_gpus=gpus).remote(
             self.config.threads, f"worker-{self._count}"
         )
-        self._last_load = actor.load.remote(payload_ref)
-        return actor
+        return actor, actor.load.remote(payload_ref)
 
     def _check_loads(self, loads) -> None:
         """A worker that cannot unpickle the payload (a model class it cannot import) fails
@@ -204,8 +203,7 @@ class RayScoring:
         """The effects ``causal_effects`` would return, scored shard by shard on the workers."""
         already = sorted(set(already_removed))
         if units is None:
-            gone = set(already)
-            units = [unit.id for unit in space.units if unit.id not in gone]
+            units = remaining_units(space, already)
         pieces = shards(units, self.config.workers, self.config.shards_per_worker)
         keys = [shard_key(already, piece) for piece in pieces]
         done = {key: self._load(key) for key in keys}
@@ -254,8 +252,9 @@ class RayScoring:
 
         loads = [actor.load.remote(payload_ref) for actor in self.actors]  # kept workers
         while len(self.actors) < self.config.workers:
-            self.actors.append(self._new_actor(payload_ref))
-            loads.append(self._last_load)
+            actor, load = self._new_actor(payload_ref)
+            self.actors.append(actor)
+            loads.append(load)
         self._check_loads(loads)
         try:
             for actor in self.actors:
@@ -269,8 +268,9 @@ class RayScoring:
                     log.warning("a scoring worker died; its %d units are scored again", len(piece))
                     queue.insert(0, (key, piece))
                     self.actors.remove(actor)
-                    actor = self._new_actor(payload_ref)
+                    actor, load = self._new_actor(payload_ref)
                     self.actors.append(actor)
+                    self._check_loads([load])
                 else:
                     results[key] = arrays
                     self._finished(key, arrays, seconds, name)

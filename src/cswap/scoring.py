@@ -185,6 +185,12 @@ def _intervene(model, space, runner, units, already, rows, cut, batch, caches, c
     return results
 
 
+def remaining_units(space: UnitSpace, already_removed: Sequence[int]) -> list[int]:
+    """Every unit of ``space`` not in ``already_removed``, in id order."""
+    gone = set(already_removed)
+    return [unit.id for unit in space.units if unit.id not in gone]
+
+
 def causal_effects(
     model: nn.Module,
     space: UnitSpace,
@@ -217,10 +223,7 @@ def causal_effects(
     if units_per_pass is not None and units_per_pass < 0:
         raise ValueError(f"units_per_pass must be >= 0 or None, got {units_per_pass}.")
     already = sorted(set(already_removed))
-    if units is None:
-        gone = set(already)
-        units = [unit.id for unit in space.units if unit.id not in gone]
-    units = list(units)
+    units = remaining_units(space, already) if units is None else list(units)
     was_training = model.training
     model.eval()
     runner = None

@@ -11,6 +11,17 @@ import typer
 from cswap.cli.common import BatchSizeOption, DeviceOption, fail_cleanly
 
 
+def write_json(out: Path | None, result: dict) -> str:
+    """The result as JSON text, also written to ``out`` when given."""
+    import json
+
+    text = json.dumps(result, indent=1)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+    return text
+
+
 def register(app: typer.Typer) -> None:
     @app.command("bench-ranking")
     @fail_cleanly
@@ -149,14 +160,10 @@ def register(app: typer.Typer) -> None:
         out: Annotated[Path | None, typer.Option(help="Also write the JSON here.")] = None,
     ) -> None:
         """The report's paired latency measured REPEATS times: how stable the ratio is."""
-        import json
-
         from cswap.bench import latency_stability
 
         result = latency_stability(run, repeats=repeats, threads=threads, echo=typer.echo)
-        if out is not None:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(result, indent=1) + "\n")
+        write_json(out, result)
 
     @app.command("bench-scale")
     @fail_cleanly
@@ -168,8 +175,6 @@ def register(app: typer.Typer) -> None:
         out: Annotated[Path | None, typer.Option(help="Also write the JSON here.")] = None,
     ) -> None:
         """Scoring on Ray workers against one process: time, speedup, identical effects."""
-        import json
-
         from cswap.bench import parse_list, scale_bench
 
         counts = [int(c) for c in parse_list(workers)]
@@ -177,9 +182,7 @@ def register(app: typer.Typer) -> None:
             model, workers=counts, calib_per_class=calib_per_class, compensate=compensate,
             echo=typer.echo,
         )  # fmt: skip
-        if out is not None:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(result, indent=1) + "\n")
+        write_json(out, result)
 
     @app.command("bench-speed")
     @fail_cleanly
@@ -206,8 +209,6 @@ def register(app: typer.Typer) -> None:
         as_json: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
     ) -> None:
         """Scoring speed: naive exact scoring vs each lever alone and all combined."""
-        import json
-
         from cswap.bench import parse_list, speed_bench
         from cswap.devices import resolve_device
 
@@ -222,8 +223,5 @@ def register(app: typer.Typer) -> None:
             device=resolve_device(device),
             echo=(lambda _line: None) if as_json else typer.echo,
         )
-        text = json.dumps(result, indent=1)
-        if out is not None:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(text + "\n")
+        text = write_json(out, result)
         typer.echo(text)
