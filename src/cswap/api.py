@@ -315,10 +315,7 @@ def prune(
     report["critical_removed"] = sum(
         1 for entry in report["units"] if entry.get("category_at_removal") == "critical"
     )
-    report["scoring_rounds"] = [
-        {"removed_before": removed_before, "categories": cat.counts()}
-        for removed_before, cat in ranker.rounds
-    ]
+    report["scoring_rounds"] = _scoring_rounds(ranker)
     hint = _exhausted_hint(result, ranker, opts)
     if hint:
         log.warning(hint)
@@ -517,6 +514,18 @@ def _base_report(prepared: Session, options: Options, model_spec, method, first)
     }
 
 
+def _scoring_rounds(ranker) -> list[dict]:
+    """Per scoring round: units removed before it, its categories, and how many units it
+    scored exactly (the rest estimated, cswap.banded); rounds resumed from a checkpoint have
+    no such note."""
+    notes = list(getattr(ranker, "round_notes", []))
+    notes = [{}] * (len(ranker.rounds) - len(notes)) + notes
+    return [
+        {"removed_before": removed_before, "categories": cat.counts()} | note
+        for (removed_before, cat), note in zip(ranker.rounds, notes, strict=True)
+    ]
+
+
 def _exhausted_hint(result: ScheduleResult, ranker, options: Options) -> str | None:
     """Why a C-SWAP run ran out of candidates, and what lifts it: the hypothesis test marks more
     units critical as the model shrinks (their effects grow), and critical units are not tried."""
@@ -606,6 +615,12 @@ def _target_status(config, reductions: dict[str, float], stop_reason: str) -> li
     return status
 
 
+def _finite(value) -> float | None:
+    """A JSON-ready number: None for NaN (not measured, e.g. an estimated unit's xi) or inf."""
+    value = float(value)
+    return value if np.isfinite(value) else None
+
+
 def _scores_at_removal(rounds, result: ScheduleResult) -> dict[int, tuple[float, str]]:
     """xi and category of each removed unit in the latest scoring before its removal."""
     at_removal: dict[int, tuple[float, str]] = {}
@@ -620,7 +635,8 @@ def _scores_at_removal(rounds, result: ScheduleResult) -> dict[int, tuple[float,
             for unit in new:
                 row = lookup.get(unit)
                 if row is not None:
-                    at_removal[unit] = (float(latest[-1].xi[row]), str(latest[-1].categories[row]))
+                    xi = _finite(latest[-1].xi[row])
+                    at_removal[unit] = (xi, str(latest[-1].categories[row]))
         removed.update(new)
     return at_removal
 
@@ -647,12 +663,11 @@ def _unit_entries(
     for unit in space.units:
         row = position.get(unit.id)
         entry = unit.to_dict()
-        entry["xi"] = None if row is None else float(first.xi[row])
+        entry["xi"] = None if row is None else _finite(first.xi[row])
         entry["category"] = None if row is None else str(first.categories[row])
         for name in ("log_ratio", "kl"):
             values = None if first is None else getattr(first, name)
-            value = None if values is None or row is None else float(values[row])
-            entry[name] = value if value is None or np.isfinite(value) else None
+            entry[name] = None if values is None or row is None else _finite(values[row])
         if first is None and scores is not None:
             entry["score"] = float(scores[unit.id])
         entry["removed_at_step"] = None

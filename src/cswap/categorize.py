@@ -18,7 +18,7 @@ are pooled into one extra group ("pooled"), which is tested like a class when it
 from __future__ import annotations
 
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 from scipy import stats
@@ -26,6 +26,7 @@ from scipy import stats
 from cswap.scoring import CausalEffects
 
 CRITICAL, NEUTRAL, DETRIMENTAL = "critical", "neutral", "detrimental"
+ESTIMATED = "estimated"  # not scored exactly (cswap.estimate): no test, an estimated KL only
 POOLED = -1
 TESTS = ("t", "wilcoxon")
 CORRECTIONS = ("holm", "bonferroni", "bh", "none")
@@ -88,7 +89,9 @@ class Categorization:
 
     def counts(self) -> dict[str, int]:
         names = (CRITICAL, NEUTRAL, DETRIMENTAL)
-        return {name: int((self.categories == name).sum()) for name in names}
+        counts = {name: int((self.categories == name).sum()) for name in names}
+        estimated = int((self.categories == ESTIMATED).sum())
+        return counts | ({ESTIMATED: estimated} if estimated else {})
 
 
 def _one_sided_p(samples: np.ndarray, bound: float, alternative: str, test: str) -> np.ndarray:
@@ -191,6 +194,34 @@ def categorize(
     )
 
 
+def with_estimates(categorization: Categorization, kl: dict[int, float]) -> Categorization:
+    """``categorization`` (exactly scored units) plus units known only by an estimated KL
+    (category ``estimated``; xi, log-ratio and class statistics NaN, p-values 1), in unit order."""
+    if not kl:
+        return categorization
+    c = categorization
+    extra = np.asarray(sorted(kl), dtype=c.unit_ids.dtype)
+    ids = np.concatenate([c.unit_ids, extra])
+    order = np.argsort(ids, kind="stable")
+    n, classes = len(extra), c.class_means.shape[1]
+
+    def merged(values: np.ndarray | None, filler) -> np.ndarray:
+        exact = np.full(len(c.unit_ids), np.nan) if values is None else values
+        return np.concatenate([exact, filler])[order]
+
+    return replace(
+        c,
+        unit_ids=ids[order],
+        xi=merged(c.xi, np.full(n, np.nan)),
+        class_means=np.concatenate([c.class_means, np.full((n, classes), np.nan)])[order],
+        class_p_values=np.concatenate([c.class_p_values, np.ones((n, classes))])[order],
+        detrimental_p_values=merged(c.detrimental_p_values, np.ones(n)),
+        categories=np.concatenate([c.categories, np.full(n, ESTIMATED, dtype=object)])[order],
+        log_ratio=merged(c.log_ratio, np.full(n, np.nan)),
+        kl=merged(c.kl, np.asarray([kl[int(u)] for u in extra], dtype=np.float64)),
+    )
+
+
 def _mean_or_nan(values: np.ndarray | None, rows: int) -> np.ndarray:
     if values is None:
         return np.full(rows, np.nan)
@@ -252,7 +283,7 @@ def causal_ranking(
             raise ValueError("per_cost ranking needs the units' costs.")
         key = {u: (v / costs[u] if costs[u] > 0 else np.inf) for u, v in key.items()}
     category = categorization.category_of()
-    rank_of = {DETRIMENTAL: 0, NEUTRAL: 1, CRITICAL: 2}
+    rank_of = {DETRIMENTAL: 0, NEUTRAL: 1, ESTIMATED: 1, CRITICAL: 2}
     allowed = [u for u in units if config.allow_critical or category[u] != CRITICAL]
 
     def sort_key(unit: int) -> tuple:

@@ -65,25 +65,41 @@ class RefitBasis:
     inverse: torch.Tensor
     theta: torch.Tensor
 
+    def rows(self, channels: Iterable[int]) -> torch.Tensor:
+        """Rows of ``theta`` that carry input ``channels`` (those the base removal kept)."""
+        channels = sorted(set(channels))
+        if not channels:
+            return torch.zeros(0, dtype=torch.long)
+        position = torch.full((self.shape[1] * self.per_channel + 1,), -1, dtype=torch.long)
+        position[self.kept] = torch.arange(len(self.kept))
+        offsets = torch.arange(self.per_channel)
+        features = (torch.tensor(channels).view(-1, 1) * self.per_channel + offsets).view(-1)
+        rows = position[features]
+        return rows[rows >= 0]  # channels the base removal already took have none
+
     def weights(self, channels: Iterable[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(weight, bias) with input ``channels`` removed on top of the base removal."""
         theta = self.theta
-        channels = sorted(set(channels))
-        if channels:
-            position = torch.full((self.shape[1] * self.per_channel + 1,), -1, dtype=torch.long)
-            position[self.kept] = torch.arange(len(self.kept))
-            offsets = torch.arange(self.per_channel)
-            features = (torch.tensor(channels).view(-1, 1) * self.per_channel + offsets).view(-1)
-            rows = position[features]
-            rows = rows[rows >= 0]  # channels the base removal already took
-            if len(rows):
-                columns = self.inverse.index_select(1, rows)
-                block = columns.index_select(0, rows)
-                theta = theta - columns @ torch.linalg.solve(block, theta.index_select(0, rows))
-                theta = theta.index_copy(0, rows, torch.zeros_like(theta.index_select(0, rows)))
+        rows = self.rows(channels)
+        if len(rows):
+            columns = self.inverse.index_select(1, rows)
+            block = columns.index_select(0, rows)
+            theta = theta - columns @ torch.linalg.solve(block, theta.index_select(0, rows))
+            theta = theta.index_copy(0, rows, torch.zeros_like(theta.index_select(0, rows)))
         flat = torch.zeros(self.shape[0], self.shape[1] * self.per_channel, dtype=theta.dtype)
         flat[:, self.kept[:-1]] = theta[:-1].T
         return flat.view(self.shape), theta[-1]
+
+    def removal_cost(self, channels: Iterable[int]) -> float:
+        """How much the refit's objective grows when input ``channels`` are removed too:
+        trace(theta_S^T (H^-1[S, S])^-1 theta_S), the consumer's added squared output error on
+        the calibration inputs (plus the ridge term), in closed form from this basis."""
+        rows = self.rows(channels)
+        if not len(rows):
+            return 0.0
+        block = self.inverse.index_select(0, rows).index_select(1, rows)
+        theta = self.theta.index_select(0, rows)
+        return float((theta * torch.linalg.solve(block, theta)).sum())
 
 
 @dataclass(frozen=True, eq=False)

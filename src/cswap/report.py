@@ -114,14 +114,13 @@ def plot_xi(report: dict):
     for unit in units:
         if unit.get("xi") is not None:
             by_category[unit["category"]].append(unit["xi"])
-    for position, name in enumerate((CRITICAL, NEUTRAL, DETRIMENTAL)):
+    tested = (CRITICAL, NEUTRAL, DETRIMENTAL)  # estimated units have no xi
+    for position, name in enumerate(tested):
         values = np.asarray(by_category.get(name, []))
         if len(values):
             jitter = np.random.default_rng(position).uniform(-0.3, 0.3, len(values))
             axis.scatter(position + jitter, values, s=6, alpha=0.6, color=CATEGORY_COLOURS[name])
-    axis.set_xticks(
-        [0, 1, 2], [f"{name}\n({len(by_category.get(name, []))})" for name in CATEGORY_COLOURS]
-    )
+    axis.set_xticks([0, 1, 2], [f"{name}\n({len(by_category.get(name, []))})" for name in tested])
     axis.set_yscale("symlog", linthresh=1e-3)
     axis.axhline(0, color="black", linewidth=0.5)
     axis.set_ylabel("xi: accuracy change on removal (fraction)")

@@ -19,9 +19,14 @@ from pathlib import Path
 
 import numpy as np
 
-from cswap.categorize import CRITICAL, DETRIMENTAL, NEUTRAL
+from cswap.categorize import CRITICAL, DETRIMENTAL, ESTIMATED, NEUTRAL
 
-CATEGORY_COLOURS = {CRITICAL: "#d62728", NEUTRAL: "#7f7f7f", DETRIMENTAL: "#2ca02c"}
+CATEGORY_COLOURS = {
+    CRITICAL: "#d62728",
+    NEUTRAL: "#7f7f7f",
+    DETRIMENTAL: "#2ca02c",
+    ESTIMATED: "#9467bd",
+}
 TARGET_NAMES = {"params": "parameters", "macs": "MACs"}
 e = html.escape
 
@@ -343,14 +348,16 @@ def unit_section(report: dict, arrays: dict) -> str:
             f"{_number(p_values[2], '{:.3g}')}<td>{e(fate)}</td></tr>"
         )
     options = "".join(
-        f"<option value={c}>{c}</option>" for c in ("all", CRITICAL, NEUTRAL, DETRIMENTAL)
+        f"<option value={c}>{c}</option>"
+        for c in ("all", CRITICAL, NEUTRAL, DETRIMENTAL, ESTIMATED)
     )
     return f"""<h2>Every unit</h2>
 <p>Click a column to sort. xi: the unit's global causal effect (change of accuracy, fraction);
 KL: mean KL divergence of the predictions when it is removed; classes: its most negative
 per-class effects; p: the smallest corrected p-value of "class effect below -margin" (critical)
 and the p-value of "effect above +margin" (detrimental). Category and effects are those of the
-first scoring, on the unpruned model.</p>
+first scoring, on the unpruned model; "estimated": a unit far from the cut, not scored exactly
+(its KL is the estimate, no test was run).</p>
 <p><label>category <select id=category-filter>{options}</select></label>
 <label>search <input id=unit-search type=search placeholder="layer, class, fate"></label>
 <span id=unit-count>{len(units)}</span> of {len(units)} units shown</p>
@@ -577,9 +584,19 @@ def _ranking_section(report: dict, directory: Path) -> str:
         )
     return f"""<h2>Categories (first scoring, unpruned model)</h2>
 <p>{_badge(CRITICAL)} {counts.get(CRITICAL, 0)} {_badge(NEUTRAL)} {counts.get(NEUTRAL, 0)}
-{_badge(DETRIMENTAL)} {counts.get(DETRIMENTAL, 0)}. Candidates are ordered by the damage their
-removal does per parameter saved; critical units come last and only when allowed.</p>
+{_badge(DETRIMENTAL)} {counts.get(DETRIMENTAL, 0)}{_estimated_count(counts)}. Candidates are
+ordered by the damage their removal does per parameter saved; critical units come last and only
+when allowed.</p>
 {_image(directory, "xi.png")}"""
+
+
+def _estimated_count(counts: dict) -> str:
+    if not counts.get(ESTIMATED):
+        return ""
+    return (
+        f" {_badge(ESTIMATED)} {counts[ESTIMATED]} (far from the first cut: estimated from "
+        "their consumers' refit, not tested)"
+    )
 
 
 def _compensation_section(report: dict) -> str:

@@ -10,8 +10,10 @@ of masked models, and the progressive accept / roll-back loop with its checkpoin
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from cswap.adapters import canonicalize
+from cswap.banded import banded_categorization
 from cswap.categorize import (
     Categorization,
     CategoryConfig,
@@ -34,6 +37,7 @@ from cswap.checkpoint import Checkpoint
 from cswap.compensation import Compensation, measure_means
 from cswap.criteria import criterion_scores, ranking_from_scores
 from cswap.devices import resolve_device
+from cswap.estimate import BandConfig
 from cswap.errors import CswapError
 from cswap.evaluate import masked_validation
 from cswap.fastscore import FastConfig, fast_categorize
@@ -88,6 +92,8 @@ class Options:
     milestones: tuple[float, ...] = ()  # params fractions the progressive loop must stop at
     # scoring speed (METHOD.md "Cost"): exact levers on, approximate ones off by default
     prefix_reuse: bool = True
+    # exact scoring only within exact_band residual sd of the next cut (cswap.estimate); 0: all
+    exact_band: float = 2.0
     units_per_pass: int | None = None  # None: auto (1 on CPU); 0: fill memory_budget_mb
     memory_budget_mb: float = 1024.0
     # scale-out: score on Ray workers (0: in this process); ray_address joins a cluster
@@ -376,6 +382,7 @@ class CausalRanker:
         compensation: Compensation | None = None,
         allow_critical: bool | None = None,
         cost_kind: str = "params",
+        horizon: float | None = None,
     ) -> None:
         self.prepared = prepared
         self.options = options
@@ -383,7 +390,11 @@ class CausalRanker:
         self.compensation = compensation
         self.rank_config = options.rank_config(allow_critical)
         self.cost_kind = cost_kind
+        # the fraction of the parameters cut from one ranking (progressive: rescore_every); with
+        # it, a round scores exactly only the units near that cut (cswap.banded)
+        self.horizon = horizon
         self.rounds: list[tuple[int, Categorization]] = []  # (units removed before, result)
+        self.round_notes: list[dict] = []  # per round: units scored exactly / estimated
         self.preset: Ranking | None = None
         self.scores: np.ndarray | None = None
         self.backend = None  # a RayScoring: exact effects computed on workers
@@ -394,51 +405,97 @@ class CausalRanker:
 
     def categorization(self, removed: tuple[int, ...]) -> Categorization:
         prepared = self.prepared
-        options = self.options
         remaining = len(prepared.space) - len(removed)
-        compensation = self.compensation
-        scoring = {
-            "batch_size": options.batch_size,
-            "device": prepared.device,
-            "prefix_reuse": options.prefix_reuse,
-            "units_per_pass": options.units_per_pass,
-            "memory_budget_mb": options.memory_budget_mb,
-        }
-        fast = options.fast_config()
         with (
             stage("scoring round"),
             _progress_bar(remaining, "scoring units", self.progress) as bar,
         ):
-            if fast.looks or fast.screen:
-                result = fast_categorize(
+            if self._fast():
+                result = self._fast_round(removed, bar.update)
+                note = {"exact": remaining, "estimated": 0}
+            elif self._banded():
+                banded = banded_categorization(
+                    self._exact_scorer(removed),
                     prepared.model,
                     prepared.space,
-                    prepared.calibration_images,
-                    prepared.calibration_labels,
-                    options.category_config(),
-                    fast,
-                    already_removed=removed,
-                    compensation=compensation,
-                    seed=options.seed,
+                    self.compensation,
+                    removed,
+                    horizon=self.horizon * prepared.space.params_total,
+                    cost_kind=self.cost_kind,
+                    band=BandConfig(z=self.options.exact_band),
+                    category_config=self.options.category_config(),
                     progress=bar.update,
-                    **scoring,
-                ).categorization
-            else:
-                score = causal_effects if self.backend is None else self.backend.effects
-                effects = score(
-                    prepared.model,
-                    prepared.space,
-                    prepared.calibration_images,
-                    prepared.calibration_labels,
-                    already_removed=removed,
-                    compensation=compensation,
-                    progress=bar.update,
-                    **scoring,
                 )
-                result = categorize(effects, options.category_config())
+                result = banded.categorization
+                note = {"exact": banded.exact, "estimated": banded.estimated}
+                note["estimate_sd"] = None if math.isnan(banded.sd) else round(banded.sd, 4)
+            else:
+                effects = self._exact_scorer(removed)(progress=bar.update)
+                result = categorize(effects, self.options.category_config())
+                note = {"exact": remaining, "estimated": 0}
         self.rounds.append((len(removed), result))
+        self.round_notes.append(note)
         log.info("scored %d units after %d removed: %s", remaining, len(removed), result.counts())
         return result
+
+    def _fast(self) -> bool:
+        fast = self.options.fast_config()
+        return bool(fast.looks or fast.screen)
+
+    def _banded(self) -> bool:
+        """Exact passes only near the cut: progressive runs (a horizon), the KL order across
+        categories (the strict rule and categories-first need every unit's category), lstsq."""
+        config = self.rank_config
+        return (
+            self.horizon is not None
+            and self.options.exact_band > 0
+            and config.statistic == "kl"
+            and config.allow_critical
+            and not config.categories_first
+            and self.compensation is not None
+            and self.compensation.mode == "lstsq"
+        )
+
+    def _scoring_options(self) -> dict:
+        options = self.options
+        return {
+            "batch_size": options.batch_size,
+            "device": self.prepared.device,
+            "prefix_reuse": options.prefix_reuse,
+            "units_per_pass": options.units_per_pass,
+            "memory_budget_mb": options.memory_budget_mb,
+        }
+
+    def _exact_scorer(self, removed: tuple[int, ...]):
+        """``score(units=None, progress=None)``: exact effects on this round's model."""
+        prepared = self.prepared
+        score = causal_effects if self.backend is None else self.backend.effects
+        return functools.partial(
+            score,
+            prepared.model,
+            prepared.space,
+            prepared.calibration_images,
+            prepared.calibration_labels,
+            already_removed=removed,
+            compensation=self.compensation,
+            **self._scoring_options(),
+        )
+
+    def _fast_round(self, removed: tuple[int, ...], progress) -> Categorization:
+        prepared = self.prepared
+        return fast_categorize(
+            prepared.model,
+            prepared.space,
+            prepared.calibration_images,
+            prepared.calibration_labels,
+            self.options.category_config(),
+            self.options.fast_config(),
+            already_removed=removed,
+            compensation=self.compensation,
+            seed=self.options.seed,
+            progress=progress,
+            **self._scoring_options(),
+        ).categorization
 
     def __call__(self, removed: tuple[int, ...]) -> Ranking:
         if self.preset is not None:
@@ -494,7 +551,13 @@ def make_ranker(
     if method == "cswap":
         allow = True if mode == "oneshot" else None
         ranker = CausalRanker(
-            prepared, options, progress, compensation, allow_critical=allow, cost_kind=cost_kind
+            prepared,
+            options,
+            progress,
+            compensation,
+            allow_critical=allow,
+            cost_kind=cost_kind,
+            horizon=None if mode == "oneshot" else options.rescore_every,
         )
         if options.workers or options.ray_address:
             from cswap.distributed import RayConfig, RayScoring
@@ -589,6 +652,11 @@ def make_options(overrides: dict[str, Any]) -> Options:
         raise CswapError(
             f"units_per_pass must be >= 0, got {options.units_per_pass}.",
             "use 1 (one unit per pass), 0 (fill the memory budget) or leave it unset.",
+        )
+    if not (options.exact_band >= 0 and math.isfinite(options.exact_band)):
+        raise CswapError(
+            f"exact_band must be a finite number >= 0, got {options.exact_band}.",
+            "use e.g. 2 (the default), or 0 to score every unit exactly.",
         )
     if not 0.0 < options.validation_fraction < 1.0:
         raise CswapError("validation_fraction must be in (0, 1).", "use e.g. 0.5.")

@@ -332,6 +332,14 @@ def register(app: typer.Typer) -> None:
         screen: Annotated[
             bool, typer.Option(help="First-order screening of clearly critical units.")
         ] = False,
+        exact_band: Annotated[
+            float,
+            typer.Option(
+                help="Progressive: score exactly only the units whose estimated damage lies "
+                "within this many sd of the next cut; the rest keep the estimate. 0: every unit "
+                "exactly (needs lstsq)."
+            ),
+        ] = 2.0,
         units_per_pass: Annotated[
             int | None,
             typer.Option(
@@ -395,6 +403,7 @@ def register(app: typer.Typer) -> None:
                 "seed": seed,
                 "sequential_looks": (0.25, 0.5, 0.75) if sequential else (),
                 "screen": screen,
+                "exact_band": exact_band,
                 "units_per_pass": units_per_pass,
                 "memory_budget_mb": memory_budget_mb,
                 "workers": workers,

@@ -1,0 +1,176 @@
+"""The cheap damage estimate and the band of exactly scored units (cswap.estimate, cswap.banded).
+
+The removal cost is checked against an independent oracle: numpy least squares on the recorded
+consumer inputs, the objective evaluated at the fresh refit with and without the unit.
+"""
+
+import functools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TinyNet, randomize_batchnorm
+from cswap.banded import banded_categorization
+from cswap.categorize import ESTIMATED, CategoryConfig, categorize
+from cswap.compensation import consumer_indices, measure_means
+from cswap.estimate import (
+    BandConfig,
+    EstimateFit,
+    calibration_sample,
+    exact_band,
+    fit_scale,
+    reconstruction_costs,
+)
+from cswap.scoring import causal_effects
+from cswap.units import discover_units
+from test_lstsq_scoring import RIDGE, _inputs, _rows
+
+
+@pytest.fixture(scope="module")
+def setting():
+    torch.manual_seed(5)
+    model = randomize_batchnorm(TinyNet(width=4)).double().eval()
+    images = torch.randn(30, 1, 14, 14, dtype=torch.float64)
+    labels = torch.arange(30) % 3
+    space = discover_units(model, images[:1])
+    lstsq = measure_means(model, space, images, mode="lstsq", ridge=RIDGE)
+    layers = {target.layer for unit in space.units for target in unit.targets}
+    return model, space, images, labels, lstsq, _inputs(model, layers, images)
+
+
+def _objective(module, rows, gone_channels):
+    """min over theta (zero on the gone channels) of mean |rows (theta - theta0)|^2 + l |theta -
+    theta0|^2 over every feature (a removed feature's penalty is the constant l |theta0|^2)."""
+    weight = module.weight.detach().numpy()
+    flat = weight.reshape(weight.shape[0], -1)
+    per_channel = flat.shape[1] // weight.shape[1]
+    bias = module.bias.detach().numpy() if module.bias is not None else np.zeros(len(flat))
+    theta0 = np.concatenate([flat.T, bias[None, :]])
+    gone = np.zeros(weight.shape[1], dtype=bool)
+    gone[sorted(gone_channels)] = True
+    keep = np.concatenate([np.repeat(~gone, per_channel), [True]])
+    scale = RIDGE * (rows**2).sum(0).mean() / len(rows)
+    a = rows / np.sqrt(len(rows))
+    system = np.concatenate([a[:, keep], np.sqrt(scale) * np.eye(keep.sum())])
+    target = np.concatenate([a @ theta0, np.sqrt(scale) * theta0[keep]])
+    solution = np.linalg.lstsq(system, target, rcond=None)[0]
+    theta = np.zeros_like(theta0)
+    theta[keep] = solution
+    error = a @ (theta - theta0)
+    return float((error**2).sum() + scale * ((theta - theta0) ** 2).sum())
+
+
+def test_removal_cost_is_the_growth_of_the_refit_objective(setting):
+    model, space, _images, _labels, lstsq, inputs = setting
+    by_root = {group.root: group.unit_ids for group in space.groups}
+    base = (by_root["body.3"][0], by_root["hidden"][3], by_root["down.0"][1])
+    compensation = lstsq.with_base(model, space, base)
+    candidates = [by_root["body.3"][1], by_root["body.0"][0], by_root["down.0"][0]]
+    candidates += [by_root["hidden"][5]]
+    costs = reconstruction_costs(model, space, compensation, candidates)
+    assert sorted(costs) == sorted(candidates)
+    base_inputs = consumer_indices(space, base)
+    for unit in candidates:
+        expected = 0.0
+        for target in space.units[unit].targets:
+            module = model.get_submodule(target.layer)
+            rows = _rows(module, inputs[target.layer])
+            before = set(base_inputs.get(target.layer, (0, []))[1])
+            after = before | set(target.indices)
+            expected += _objective(module, rows, after) - _objective(module, rows, before)
+        assert costs[unit] == pytest.approx(expected, rel=1e-6, abs=1e-12)
+        assert costs[unit] > 0
+
+
+def test_no_estimate_without_a_refit(setting):
+    model, space, images, _labels, _lstsq, _inputs_ = setting
+    mean = measure_means(model, space, images, mode="mean")
+    assert reconstruction_costs(model, space, mean, [0, 1]) == {}
+    assert reconstruction_costs(model, space, None, [0, 1]) == {}
+
+
+def test_calibration_sample_spreads_over_each_group(setting):
+    _model, space, *_ = setting
+    group = max(space.groups, key=lambda g: len(g.unit_ids))
+    units = list(group.unit_ids)
+    costs = {u: float(10 - i) for i, u in enumerate(units)}  # the last unit is the cheapest
+    chosen = calibration_sample(space, costs, per_group=3)
+    by_cost = sorted(units, key=lambda u: costs[u])
+    middle = by_cost[round((len(units) - 1) / 2)]
+    assert chosen == sorted({by_cost[0], middle, by_cost[-1]})
+    assert calibration_sample(space, costs, per_group=len(units) + 1) == sorted(units)
+
+
+def test_fit_scale_recovers_per_group_scales(setting):
+    _model, space, *_ = setting
+    groups = [g for g in space.groups if len(g.unit_ids) >= 3][:2]
+    costs, exact = {}, {}
+    for scale, group in zip((2.0, 0.5), groups, strict=True):
+        for i, unit in enumerate(group.unit_ids[:3]):
+            costs[unit] = float(i + 1)
+            exact[unit] = scale * (i + 1) * (1.1 if (i, scale) == (0, 2.0) else 1.0)
+    dead = groups[0].unit_ids[3]
+    costs[dead], exact[dead] = 0.0, 0.0  # carries no scale information
+    fit = fit_scale(space, costs, exact, min_sd=0.0)
+    first = math.log(2.0) + math.log(1.1) / 3
+    assert fit.log_scale[groups[0].id] == pytest.approx(first)
+    assert fit.log_scale[groups[1].id] == pytest.approx(math.log(0.5))
+    deviations = [math.log(1.1) * 2 / 3, -math.log(1.1) / 3, -math.log(1.1) / 3]
+    assert fit.sd == pytest.approx(math.sqrt(sum(d * d for d in deviations) / (6 - 2)))
+    assert fit_scale(space, costs, exact, min_sd=1.0).sd == 1.0
+    other = groups[1].unit_ids[0]
+    fitted = EstimateFit({groups[1].id: math.log(0.5)}, 1.0)
+    assert fitted.damage(space, {dead: 4.0, other: 4.0}) == {other: pytest.approx(2.0)}
+
+
+def test_exact_band_covers_the_cut_and_its_margin():
+    estimated = {1: 1.0, 2: 2.0, 3: 3.0, 4: 10.0, 5: 40.0}
+    per_cost = {u: 1.0 for u in estimated}
+    params = {1: 5.0, 2: 5.0, 3: 5.0, 4: 5.0, 5: 5.0}
+    # the cheapest 10 parameters end at unit 2 (key 2.0); within a factor 2: keys <= 4
+    assert exact_band(estimated, per_cost, params, 10.0, 2.0) == {1, 2, 3}
+    assert exact_band(estimated, per_cost, params, 10.0, 5.0) == {1, 2, 3, 4}
+    assert exact_band(estimated, per_cost, params, 100.0, 1.0) == {1, 2, 3, 4, 5}  # not reached
+    per_cost[5] = 100.0  # a cheap unit per parameter saved comes first
+    assert exact_band(estimated, per_cost, params, 5.0, 1.0) == {5}
+    assert exact_band(estimated, per_cost, params, 10.0, 1.0) == {1, 5}
+
+
+def _banded(setting, z, horizon):
+    model, space, images, labels, lstsq, _ = setting
+    score = functools.partial(causal_effects, model, space, images, labels, compensation=lstsq)
+    return banded_categorization(
+        score,
+        model,
+        space,
+        lstsq,
+        (),
+        horizon=horizon,
+        cost_kind="params",
+        band=BandConfig(z=z, per_group=2),
+        category_config=CategoryConfig(min_class_size=5),
+    )
+
+
+def test_banded_round_scores_exactly_near_the_cut_and_estimates_the_rest(setting):
+    model, space, images, labels, lstsq, _ = setting
+    exact = causal_effects(model, space, images, labels, compensation=lstsq)
+    full = categorize(exact, CategoryConfig(min_class_size=5))
+    row = {int(u): i for i, u in enumerate(full.unit_ids)}
+    wide = _banded(setting, z=50.0, horizon=space.params_total)
+    assert wide.estimated == 0 and wide.exact == len(space)
+    assert list(wide.categorization.categories) == list(full.categories)
+    np.testing.assert_allclose(wide.categorization.kl, full.kl)
+    narrow = _banded(setting, z=0.1, horizon=1.0)
+    c = narrow.categorization
+    assert narrow.estimated > 0 and narrow.exact + narrow.estimated == len(space)
+    assert c.unit_ids.tolist() == sorted(c.unit_ids.tolist())
+    for i, unit in enumerate(c.unit_ids.tolist()):
+        if c.categories[i] == ESTIMATED:
+            assert math.isnan(c.xi[i]) and c.kl[i] >= 0
+        else:  # an exactly scored unit has exactly the full scoring's values
+            assert c.xi[i] == full.xi[row[unit]] and c.kl[i] == full.kl[row[unit]]
+            assert c.categories[i] == full.categories[row[unit]]
+    assert c.counts()[ESTIMATED] == narrow.estimated
