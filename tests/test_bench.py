@@ -133,16 +133,24 @@ def test_speed_bench_reports_every_lever_against_naive():
     from cswap.bench import speed_bench
 
     result = speed_bench(
-        "zoo:vit", levers=("prefix", "batching"), calib_per_class=1, echo=lambda _: None
+        "zoo:vit", levers=("prefix", "batching", "band"), calib_per_class=1, echo=lambda _: None
     )
     for key in ("naive_seconds", "fast_seconds", "speedup", "cpu_speedup", "category_agreement"):
         assert key in result
-    assert result["xi_spearman"] > 0.999999  # "all" here is the last lever given: batching
-    assert set(result["levers"]) == {"naive", "prefix", "batching"}
-    # the exact levers reproduce the naive verdicts and xi
+    assert result["fast_lever"] == "band"  # no "default" or "all" given: the last lever
+    assert set(result["levers"]) == {"naive", "prefix", "batching", "band"}
+    # the exact levers reproduce the naive verdicts, xi and cuts
     for lever in ("prefix", "batching"):
-        assert result["levers"][lever]["category_agreement"] == 1.0
-        assert result["levers"][lever]["xi_spearman"] > 0.999999
+        entry = result["levers"][lever]
+        assert entry["category_agreement"] == 1.0 and entry["categories_tested"] == 1.0
+        assert entry["xi_spearman"] > 0.999999
+        assert entry["removal_agreement"] == {"0.3": 1.0, "0.5": 1.0}
+        assert entry["exact_pass_fraction"] == 1.0
+    band = result["levers"]["band"]
+    estimated = band["categories"].get("estimated", 0)
+    assert band["estimated"] == estimated
+    assert band["exact_pass_fraction"] == pytest.approx(1 - estimated / result["units"], abs=1e-4)
+    assert band["categories_tested"] == pytest.approx(band["exact_pass_fraction"], abs=1e-4)
     assert result["peak_memory_mb"] > 0
     with pytest.raises(CswapError, match="Unknown levers"):
         speed_bench("zoo:vit", levers=("warp",))

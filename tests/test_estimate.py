@@ -21,6 +21,7 @@ from cswap.estimate import (
     calibration_sample,
     exact_band,
     fit_scale,
+    output_sensitivity,
     reconstruction_costs,
 )
 from cswap.scoring import causal_effects
@@ -59,7 +60,7 @@ def _objective(module, rows, gone_channels):
     theta = np.zeros_like(theta0)
     theta[keep] = solution
     error = a @ (theta - theta0)
-    return float((error**2).sum() + scale * ((theta - theta0) ** 2).sum())
+    return (error**2).sum(0) + scale * ((theta - theta0) ** 2).sum(0)  # per output column
 
 
 def test_removal_cost_is_the_growth_of_the_refit_objective(setting):
@@ -69,23 +70,64 @@ def test_removal_cost_is_the_growth_of_the_refit_objective(setting):
     compensation = lstsq.with_base(model, space, base)
     candidates = [by_root["body.3"][1], by_root["body.0"][0], by_root["down.0"][0]]
     candidates += [by_root["hidden"][5]]
+    layers = {t.layer for unit in candidates for t in space.units[unit].targets}
+    generator = torch.Generator().manual_seed(0)
+    weights = {
+        layer: torch.rand(model.get_submodule(layer).weight.shape[0], generator=generator)
+        for layer in layers
+    }
     costs = reconstruction_costs(model, space, compensation, candidates)
-    assert sorted(costs) == sorted(candidates)
+    weighted = reconstruction_costs(model, space, compensation, candidates, weights)
+    assert sorted(costs) == sorted(candidates) == sorted(weighted)
     base_inputs = consumer_indices(space, base)
     for unit in candidates:
-        expected = 0.0
+        expected = expected_weighted = 0.0
         for target in space.units[unit].targets:
             module = model.get_submodule(target.layer)
             rows = _rows(module, inputs[target.layer])
             before = set(base_inputs.get(target.layer, (0, []))[1])
             after = before | set(target.indices)
-            expected += _objective(module, rows, after) - _objective(module, rows, before)
+            growth = _objective(module, rows, after) - _objective(module, rows, before)
+            expected += growth.sum()
+            expected_weighted += (growth * weights[target.layer].numpy()).sum()
         assert costs[unit] == pytest.approx(expected, rel=1e-6, abs=1e-12)
+        assert weighted[unit] == pytest.approx(expected_weighted, rel=1e-6, abs=1e-12)
         assert costs[unit] > 0
 
 
+def test_output_sensitivity_is_the_diagonal_fisher_per_output_channel(setting):
+    """Oracle: one sample and one class at a time, the gradient of log p_c with respect to the
+    layer's output by autograd on that sample alone."""
+    model, _space, images, *_ = setting
+    layers = ["body.3", "hidden"]
+    found = output_sensitivity(model, layers, images[:7], batch_size=3)
+    expected = {layer: 0.0 for layer in layers}
+    for x in images[:7]:
+        captured = {}
+        handles = [
+            model.get_submodule(layer).register_forward_hook(
+                lambda _m, _i, out, layer=layer, into=captured: into.__setitem__(layer, out)
+            )
+            for layer in layers
+        ]
+        log_p = torch.log_softmax(model(x[None]), 1)[0]
+        for handle in handles:
+            handle.remove()
+        for c in range(len(log_p)):
+            grads = torch.autograd.grad(
+                log_p[c], [captured[layer] for layer in layers], retain_graph=True
+            )
+            for layer, grad in zip(layers, grads, strict=True):
+                squares = grad[0] ** 2
+                per_channel = squares.sum(dim=(1, 2)) if squares.dim() == 3 else squares
+                expected[layer] = expected[layer] + log_p[c].exp().detach() * per_channel
+    for layer in layers:
+        np.testing.assert_allclose(found[layer].numpy(), (expected[layer] / 7).numpy(), rtol=1e-9)
+    assert all(p.grad is None for p in model.parameters())  # nothing accumulated on the model
+
+
 def test_no_estimate_without_a_refit(setting):
-    model, space, images, _labels, _lstsq, _inputs_ = setting
+    model, space, images, *_ = setting
     mean = measure_means(model, space, images, mode="mean")
     assert reconstruction_costs(model, space, mean, [0, 1]) == {}
     assert reconstruction_costs(model, space, None, [0, 1]) == {}
@@ -147,6 +189,7 @@ def _banded(setting, z, horizon):
         space,
         lstsq,
         (),
+        images=images,
         horizon=horizon,
         cost_kind="params",
         band=BandConfig(z=z, per_group=2),

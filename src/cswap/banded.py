@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from torch import nn
 
 from cswap.categorize import Categorization, CategoryConfig, categorize, with_estimates
@@ -27,8 +28,10 @@ from cswap.estimate import (
     calibration_sample,
     exact_band,
     fit_scale,
+    output_sensitivity,
     reconstruction_costs,
 )
+from cswap.intervene import removed as intervention
 from cswap.scoring import CausalEffects, join_effects, remaining_units
 from cswap.units import UnitSpace
 
@@ -50,20 +53,23 @@ def banded_categorization(
     compensation: Compensation | None,
     already_removed: Sequence[int],
     *,
+    images: torch.Tensor,
     horizon: float,
     cost_kind: str,
     band: BandConfig,
     category_config: CategoryConfig,
+    device: str = "cpu",
     progress: Callable[[float], None] | None = None,
 ) -> BandedRound:
     """The round's categorization with exact scoring inside the band only; ``horizon``: the
     parameters (absolute) the schedule cuts before it ranks again; ``score(units=...)`` scores
-    exactly (its model, data and scoring options bound by the caller)."""
+    exactly (its model, data and scoring options bound by the caller); ``images``: the
+    calibration images (for the output sensitivity)."""
     removed = sorted(set(already_removed))
     units = remaining_units(space, removed)
     if compensation is not None:
         compensation = compensation.with_base(model, space, removed)
-    costs = reconstruction_costs(model, space, compensation, units)
+    costs = _estimates(model, space, compensation, removed, units, images, device)
     if not costs:
         effects = score(units=units, progress=progress)
         return BandedRound(categorize(effects, category_config), len(units), 0, math.nan)
@@ -91,3 +97,19 @@ def banded_categorization(
         progress(len(guesses))
     categorization = with_estimates(categorize(effects, category_config), guesses)
     return BandedRound(categorization, len(scored), len(guesses), fit.sd)
+
+
+def _estimates(model, space, compensation, removed, units, images, device) -> dict[int, float]:
+    """Sensitivity-weighted reconstruction costs on the model as it stands (``removed`` gone,
+    compensated); {} without a refit."""
+    if compensation is None or not compensation.bases:
+        return {}
+    layers = sorted({t.layer for unit in units for t in space.units[unit].targets})
+    was_training = model.training
+    model.eval()
+    try:
+        with intervention(model, space, removed, compensation):
+            sensitivity = output_sensitivity(model, layers, images, device=device)
+    finally:
+        model.train(was_training)
+    return reconstruction_costs(model, space, compensation, units, sensitivity)

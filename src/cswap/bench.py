@@ -18,6 +18,7 @@ scorings are cached in ``OUT/cache`` so the progressive phase does not score aga
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import logging
 import os
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 
 from cswap import api
-from cswap.categorize import Ranking, causal_ranking
+from cswap.categorize import ESTIMATED, RankConfig, Ranking, causal_ranking
 from cswap.criteria import CRITERIA
 from cswap.errors import CswapError
 from cswap.inputs import check_out_dir
@@ -39,6 +40,7 @@ from cswap.intervene import removed as intervention
 from cswap.measure import measure_latency, predict
 from cswap.schedule import ScheduleConfig, oneshot
 from cswap.session import (
+    Options,
     make_options,
     make_ranker,
     measure_compensation,
@@ -589,15 +591,29 @@ def update_doc(path: str | Path, rows: list[dict]) -> None:
 # ----------------------------------------------------------------------------- scoring speed
 
 LOOKS = (0.25, 0.5, 0.75)
+SPEED_CUTS = (0.3, 0.5)  # one-shot cuts (params fractions) whose removed units are compared
+
+
+@dataclass(frozen=True)
+class Lever:
+    prefix: bool = False  # prefix reuse
+    per_pass: int | None = 1  # units per pass; 0: fill the budget; None: the tool's auto choice
+    looks: tuple[float, ...] = ()  # sequential looks
+    early_share: float = 0.0  # alpha spent at the looks on critical verdicts
+    screen: bool = False  # first-order screening
+    band: bool = False  # exact scoring only near the cut (cswap.banded)
+
+
 SPEED_LEVERS = {
-    # name: (prefix reuse, units per pass, sequential looks, early alpha share, screening)
-    "naive": (False, 1, (), 0.0, False),
-    "prefix": (True, 1, (), 0.0, False),
-    "batching": (False, 0, (), 0.0, False),  # 0: as many units per pass as the budget allows
-    "sequential": (False, 1, LOOKS, 0.25, False),  # early critical and neutral verdicts
-    "futility": (False, 1, LOOKS, 0.0, False),  # early neutral verdicts only, critical at alpha
-    "screening": (False, 1, (), 0.0, True),
-    "all": (True, None, LOOKS, 0.0, True),  # None: the tool's auto choice (1 on CPU)
+    "naive": Lever(),
+    "prefix": Lever(prefix=True),
+    "batching": Lever(per_pass=0),
+    "sequential": Lever(looks=LOOKS, early_share=0.25),  # early critical and neutral verdicts
+    "futility": Lever(looks=LOOKS),  # early neutral verdicts only, critical at alpha
+    "screening": Lever(screen=True),
+    "band": Lever(band=True),
+    "all": Lever(prefix=True, per_pass=None, looks=LOOKS, screen=True),
+    "default": Lever(prefix=True, per_pass=None, band=True),  # what cswap prune does
 }
 
 
@@ -636,26 +652,63 @@ def _rss_mb() -> float:
 def speed_bench(
     spec: str,
     *,
-    levers: Sequence[str] = tuple(SPEED_LEVERS),
-    calib_per_class: int = 10,
-    compensate: str = "mean",
+    levers: Sequence[str] = ("naive", "prefix", "band", "default"),
+    calib_per_class: int = 50,
+    compensate: str = "lstsq",
     batch_size: int = 256,
     memory_budget_mb: float = 1024.0,
     seed: int = 0,
     device: str = "cpu",
     echo: Callable[[str], None] = print,
 ) -> dict:
-    """Time the first scoring of ``spec`` under each lever; compare categories and xi with the
-    naive exact run (one unit per full forward pass, fixed n, no screening). ``compensate``:
+    """Time the first scoring of ``spec`` under each lever; compare categories, xi and the
+    units that one-shot cuts at 30% and 50% of the parameters remove with the naive exact run
+    (one unit per full forward pass, fixed n, no screening, every unit exact). ``compensate``:
     the interventions scored, as ``cswap prune`` scores them (the compensated removal)."""
-    from scipy.stats import spearmanr
-
-    from cswap.fastscore import FastConfig, fast_categorize
-
     unknown = [lever for lever in levers if lever not in SPEED_LEVERS]
     if unknown:
         raise CswapError(f"Unknown levers {unknown}.", f"use some of {', '.join(SPEED_LEVERS)}.")
     levers = ["naive", *[lever for lever in levers if lever != "naive"]]
+    prepared, compensation = _speed_session(
+        spec, calib_per_class, compensate, batch_size, seed, device
+    )
+    space = prepared.space
+    results: dict[str, dict] = {}
+    reference = None
+    for lever in levers:
+        started, cpu_started = time.perf_counter(), time.process_time()
+        with _PeakMemory() as memory:
+            round_ = _lever_round(
+                prepared, compensation, SPEED_LEVERS[lever], seed, batch_size, memory_budget_mb
+            )
+        seconds = time.perf_counter() - started
+        cpu_seconds = time.process_time() - cpu_started
+        categorization = round_["categorization"]
+        cuts = _speed_cuts(space, categorization)
+        reference = reference or (categorization, cuts)
+        entry = {
+            "seconds": round(seconds, 3),
+            "cpu_seconds": round(cpu_seconds, 3),
+            "units_per_second": round(len(space) / seconds, 3),
+            "peak_memory_mb": round(memory.peak, 1),
+            "memory_growth_mb": round(memory.peak - memory.start, 1),
+            **{k: v for k, v in round_.items() if k != "categorization"},
+            **_agreement(categorization, reference[0]),
+            "removal_agreement": {str(cut): _jaccard(cuts[cut], reference[1][cut]) for cut in cuts},
+            "categories": categorization.counts(),
+        }
+        results[lever] = entry
+        echo(
+            f"{spec} {lever:10s} {seconds:8.1f} s (cpu {cpu_seconds:7.1f} s)  "
+            f"exact {entry['exact_pass_fraction']:.3f}  "
+            f"agreement {entry['category_agreement']:.4f}  "
+            f"removal {min(entry['removal_agreement'].values()):.4f}  "
+            f"peak {entry['peak_memory_mb']:.0f} MB"
+        )
+    return _speed_summary(spec, prepared, compensate, results, levers)
+
+
+def _speed_session(spec, calib_per_class, compensate, batch_size, seed, device):
     loaded = api.load_spec(spec)
     selection = api.select_data(
         loaded,
@@ -676,63 +729,105 @@ def speed_bench(
         device=device,
         options=options,
     )
-    compensation = measure_compensation(prepared, compensate, options)
-    space = prepared.space
-    config = options.category_config()
-    results: dict[str, dict] = {}
-    reference = None
-    for lever in levers:
-        prefix, per_pass, looks, share, screen = SPEED_LEVERS[lever]
-        started, cpu_started = time.perf_counter(), time.process_time()
-        with _PeakMemory() as memory:
-            result = fast_categorize(
-                prepared.model,
-                space,
-                prepared.calibration_images,
-                prepared.calibration_labels,
-                config,
-                FastConfig(looks=looks, early_alpha_share=share, screen=screen),
-                seed=seed,
-                batch_size=batch_size,
-                device=device,
-                prefix_reuse=prefix,
-                units_per_pass=per_pass,
-                memory_budget_mb=memory_budget_mb,
-                compensation=compensation,
-            )
-        seconds = time.perf_counter() - started
-        cpu_seconds = time.process_time() - cpu_started
-        categorization = result.categorization
-        if reference is None:
-            reference = categorization
-        entry = {
-            "seconds": round(seconds, 3),
-            "cpu_seconds": round(cpu_seconds, 3),
-            "units_per_second": round(len(space) / seconds, 3),
-            "peak_memory_mb": round(memory.peak, 1),
-            "memory_growth_mb": round(memory.peak - memory.start, 1),
-            "exact_pass_fraction": round(result.exact_passes / result.full_passes, 4),
-            "settled_early": result.settled_early,
-            "screened": result.screened,
-            "category_agreement": float(np.mean(categorization.categories == reference.categories)),
-            "xi_spearman": float(spearmanr(categorization.xi, reference.xi).statistic),
-            "categories": categorization.counts(),
-        }
-        results[lever] = entry
-        echo(
-            f"{spec} {lever:10s} {seconds:8.1f} s (cpu {cpu_seconds:7.1f} s)  "
-            f"{entry['units_per_second']:8.2f} units/s  "
-            f"agreement {entry['category_agreement']:.4f}  spearman {entry['xi_spearman']:.4f}  "
-            f"peak {entry['peak_memory_mb']:.0f} MB"
+    return prepared, measure_compensation(prepared, compensate, options)
+
+
+def _lever_round(prepared, compensation, lever: Lever, seed, batch_size, memory_budget_mb):
+    """The first scoring round under ``lever``: its categorization and what it spent."""
+    from cswap.banded import banded_categorization
+    from cswap.estimate import BandConfig
+    from cswap.fastscore import FastConfig, fast_categorize
+    from cswap.scoring import causal_effects
+
+    scoring = dict(
+        batch_size=batch_size,
+        device=prepared.device,
+        prefix_reuse=lever.prefix,
+        units_per_pass=lever.per_pass,
+        memory_budget_mb=memory_budget_mb,
+        compensation=compensation,
+    )
+    data = (prepared.model, prepared.space, prepared.calibration_images)
+    config = Options().category_config()
+    if lever.band:
+        score = functools.partial(causal_effects, *data, prepared.calibration_labels, **scoring)
+        banded = banded_categorization(
+            score,
+            prepared.model,
+            prepared.space,
+            compensation,
+            (),
+            images=prepared.calibration_images,
+            device=prepared.device,
+            horizon=max(SPEED_CUTS) * prepared.space.params_total,
+            cost_kind="params",
+            band=BandConfig(),
+            category_config=config,
         )
+        fraction = banded.exact / len(prepared.space)
+        return {
+            "categorization": banded.categorization,
+            "exact_pass_fraction": round(fraction, 4),
+            "settled_early": 0,
+            "screened": 0,
+            "estimated": banded.estimated,
+        }
+    result = fast_categorize(
+        *data,
+        prepared.calibration_labels,
+        config,
+        FastConfig(looks=lever.looks, early_alpha_share=lever.early_share, screen=lever.screen),
+        seed=seed,
+        **scoring,
+    )
+    return {
+        "categorization": result.categorization,
+        "exact_pass_fraction": round(result.exact_passes / result.full_passes, 4),
+        "settled_early": result.settled_early,
+        "screened": result.screened,
+        "estimated": 0,
+    }
+
+
+def _speed_cuts(space, categorization) -> dict[float, set[int]]:
+    """The units one-shot cuts of the default C-SWAP order remove at each of SPEED_CUTS."""
+    ranking = causal_ranking(categorization, RankConfig(), space.savings((), "params"))
+    return {
+        cut: set(oneshot(space, ScheduleConfig(target_params=cut), ranking)[0])
+        for cut in SPEED_CUTS
+    }
+
+
+def _jaccard(a: set[int], b: set[int]) -> float:
+    return round(len(a & b) / max(1, len(a | b)), 4)
+
+
+def _agreement(categorization, reference) -> dict:
+    """Category agreement over the units both have tested (estimated units have no category),
+    and the Spearman correlation of xi over the same units."""
+    from scipy.stats import spearmanr
+
+    tested = (categorization.categories != ESTIMATED) & (reference.categories != ESTIMATED)
+    same = categorization.categories[tested] == reference.categories[tested]
+    rho = spearmanr(categorization.xi[tested], reference.xi[tested]).statistic
+    return {
+        "category_agreement": round(float(same.mean()), 4) if tested.any() else None,
+        "categories_tested": round(float(tested.mean()), 4),
+        "xi_spearman": round(float(rho), 4),
+    }
+
+
+def _speed_summary(spec, prepared, compensate, results, levers) -> dict:
     naive = results["naive"]
-    fast = results.get("all", results[levers[-1]])
+    fast_name = next((n for n in ("default", "all") if n in results), levers[-1])
+    fast = results[fast_name]
     return {
         "model": spec,
-        "units": len(space),
+        "units": len(prepared.space),
         "calibration_images": len(prepared.calibration_images),
         "compensate": compensate,
         "torch_threads": torch.get_num_threads(),
+        "fast_lever": fast_name,
         "naive_seconds": naive["seconds"],
         "fast_seconds": fast["seconds"],
         "speedup": round(naive["seconds"] / fast["seconds"], 3),
@@ -741,10 +836,83 @@ def speed_bench(
         "fast_cpu_seconds": fast["cpu_seconds"],
         "cpu_speedup": round(naive["cpu_seconds"] / max(fast["cpu_seconds"], 1e-9), 3),
         "category_agreement": fast["category_agreement"],
+        "categories_tested": fast["categories_tested"],
+        "removal_agreement": min(fast["removal_agreement"].values()),
         "xi_spearman": fast["xi_spearman"],
         "peak_memory_mb": max(entry["peak_memory_mb"] for entry in results.values()),
         "levers": results,
     }
+
+
+END_TO_END = {"zoo:vgg": 0.5, "zoo:resnet20": 0.3, "zoo:vit": 0.35}  # the issue's targets
+
+
+def end_to_end_bench(
+    models: Sequence[str],
+    out: Path,
+    *,
+    exact: bool = False,
+    echo: Callable[[str], None] = print,
+) -> dict:
+    """Time the default ``cswap prune`` of each zoo model to its END_TO_END target (a fresh
+    process, as a user runs it), with the report's per-stage timings; ``exact`` also runs it
+    with ``--exact-band 0`` (every unit scored exactly) and gives the accuracy difference."""
+    import subprocess
+    import sys
+
+    unknown = [model for model in models if model not in END_TO_END]
+    if unknown:
+        raise CswapError(f"No end-to-end target for {unknown}.", f"use {', '.join(END_TO_END)}.")
+    check_out_dir(out, resume=False, overwrite=True)
+    rows = []
+    for model in models:
+        for band in (2.0, 0.0) if exact else (2.0,):
+            run_dir = out / f"{model.replace(':', '_')}_band{band:g}"
+            command = [sys.executable, "-m", "cswap", "prune", "--model", model]
+            command += ["--data", "fashion-mnist", "--target-params", str(END_TO_END[model])]
+            command += ["--exact-band", str(band), "--out", str(run_dir), "--overwrite", "--quiet"]
+            started = time.perf_counter()
+            subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+            seconds = time.perf_counter() - started
+            rows.append(_end_to_end_row(model, band, seconds, run_dir))
+            echo(_describe_end_to_end(rows[-1]))
+    result = {"torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(), "runs": rows}
+    for row in rows:
+        twin = [r for r in rows if r["model"] == row["model"] and r["exact_band"] == 0.0]
+        if twin and row["exact_band"] > 0:
+            row["test_accuracy_vs_exact"] = round(
+                row["test_accuracy_after"] - twin[0]["test_accuracy_after"], 4
+            )
+    return result
+
+
+def _end_to_end_row(model: str, band: float, seconds: float, run_dir: Path) -> dict:
+    report = json.loads((run_dir / "report.json").read_text())
+    rounds = report.get("scoring_rounds") or []
+    return {
+        "model": model,
+        "target_params": END_TO_END[model],
+        "exact_band": band,
+        "wall_seconds": round(seconds, 1),
+        "stop_reason": report["stop_reason"],
+        "params_reduction": round(report["params_reduction"], 4),
+        "test_accuracy_before": report["test_accuracy_before"],
+        "test_accuracy_after": report["test_accuracy_after"],
+        "units_scored_exactly": sum(r.get("exact", 0) for r in rounds),
+        "units_estimated": sum(r.get("estimated", 0) for r in rounds),
+        "scoring_rounds": len(rounds),
+        "timings": {name: entry["seconds"] for name, entry in report["timings"]["totals"].items()},
+    }
+
+
+def _describe_end_to_end(row: dict) -> str:
+    return (
+        f"{row['model']} to {row['target_params']:.0%} (exact band {row['exact_band']:g}): "
+        f"{row['wall_seconds']:.0f} s, {row['stop_reason']}, removed "
+        f"{row['params_reduction']:.1%}, test {row['test_accuracy_before']:.4f} -> "
+        f"{row['test_accuracy_after']:.4f}; exact {row['units_scored_exactly']}, "
+        f"estimated {row['units_estimated']} units"
+    )
 
 
 def latency_stability(

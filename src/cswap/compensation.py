@@ -90,16 +90,20 @@ class RefitBasis:
         flat[:, self.kept[:-1]] = theta[:-1].T
         return flat.view(self.shape), theta[-1]
 
-    def removal_cost(self, channels: Iterable[int]) -> float:
+    def removal_cost(self, channels: Iterable[int], weights: torch.Tensor | None = None) -> float:
         """How much the refit's objective grows when input ``channels`` are removed too:
         trace(theta_S^T (H^-1[S, S])^-1 theta_S), the consumer's added squared output error on
-        the calibration inputs (plus the ridge term), in closed form from this basis."""
+        the calibration inputs (plus the ridge term), in closed form from this basis. With
+        ``weights`` (one per output channel), the per-output-channel growths are weighted."""
         rows = self.rows(channels)
         if not len(rows):
             return 0.0
         block = self.inverse.index_select(0, rows).index_select(1, rows)
         theta = self.theta.index_select(0, rows)
-        return float((theta * torch.linalg.solve(block, theta)).sum())
+        per_output = (theta * torch.linalg.solve(block, theta)).sum(0)
+        if weights is not None:
+            per_output = per_output * weights.to(per_output)
+        return float(per_output.sum())
 
 
 @dataclass(frozen=True, eq=False)

@@ -7,10 +7,15 @@ parameter is far above that cut is not removed whatever its exact value.
 
 The estimate: under the lstsq refit, removing a unit moves each of its consumers' refits in
 closed form, and the growth of the refit's objective is the consumer's added squared output
-error on the calibration inputs (``RefitBasis.removal_cost``), with no pass over the data. How
-much of that error reaches the predictions differs between layers, so the estimate is scaled
-per group from a few exactly scored units of the group (spread over its estimates), and the
-spread of those exact values around the scaled estimate (log scale) bounds its error.
+error on the calibration inputs, per output channel (``RefitBasis.removal_cost``), with no pass
+over the data. Each output channel's error is weighted by how much the predictions depend on
+that channel (the diagonal Fisher information of the predictions about the layer's output,
+``output_sensitivity``: one backward pass per class and batch per round), which makes it a
+second-order estimate of the KL divergence. What the diagonal approximation misses is absorbed
+by a scale per group, fitted to a few exactly scored units of the group (spread over its
+estimates); the spread of those exact values around the scaled estimate (log scale) bounds its
+error. Measured against exact KL on the intact zoo models (Spearman of damage per parameter):
+vgg 0.70 unweighted, 0.91 weighted; resnet20 0.94 / 0.95; vit 0.97 / 0.97.
 
 The band: order the units by estimated damage per unit of cost, find the estimate at which the
 cheapest ``horizon`` of the parameters ends, and score exactly every unit whose estimate lies
@@ -26,6 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from torch import nn
 
 from cswap.compensation import Compensation
@@ -65,13 +71,19 @@ class EstimateFit:
 
 
 def reconstruction_costs(
-    model: nn.Module, space: UnitSpace, compensation: Compensation | None, units: Sequence[int]
+    model: nn.Module,
+    space: UnitSpace,
+    compensation: Compensation | None,
+    units: Sequence[int],
+    sensitivity: dict[str, torch.Tensor] | None = None,
 ) -> dict[int, float]:
     """Per unit of ``units``: the summed added output error of its consumers under the refit
-    (``compensation`` already holds the bases of the current removal, ``with_base``). Units
-    with a consumer that is not refitted (mean fallback, no lstsq) get no estimate."""
+    (``compensation`` already holds the bases of the current removal, ``with_base``), each
+    output channel weighted by ``sensitivity`` when given. Units with a consumer that is not
+    refitted (mean fallback, no lstsq) get no estimate."""
     if compensation is None or not compensation.bases:
         return {}
+    sensitivity = sensitivity or {}
     found = {}
     for unit in units:
         targets = space.units[unit].targets
@@ -81,9 +93,76 @@ def reconstruction_costs(
         if any(basis is None for basis in bases):
             continue
         found[unit] = sum(
-            basis[1].removal_cost(t.indices) for basis, t in zip(bases, targets, strict=True)
+            basis[1].removal_cost(t.indices, sensitivity.get(t.layer))
+            for basis, t in zip(bases, targets, strict=True)
         )
     return found
+
+
+def output_sensitivity(
+    model: nn.Module,
+    layers: Sequence[str],
+    images: torch.Tensor,
+    *,
+    batch_size: int = 64,
+    device: str = "cpu",
+    draws: int = 16,
+) -> dict[str, torch.Tensor]:
+    """Per layer of ``layers`` and output channel o: E_x sum_c p_c(x) |d log p_c(x) / d y_o(x)|^2
+    (summed over positions or tokens), the diagonal of the Fisher information that the
+    predictions hold about the layer's output channels: how much an output error of that channel
+    moves the predictions (KL ~ 1/2 error^T F error). ``model`` as it computes now (run it inside
+    ``cswap.intervene.removed`` for the current removal). With more than ``draws`` classes the
+    sum over classes is estimated by ``draws`` labels drawn from p(x) (unbiased)."""
+    modules = dict(model.named_modules())
+    outputs: dict[str, torch.Tensor] = {}
+    handles = [
+        modules[layer].register_forward_hook(
+            lambda _m, _i, output, layer=layer: outputs.__setitem__(layer, output)
+        )
+        for layer in layers
+    ]
+    totals = {layer: torch.zeros(0) for layer in layers}
+    try:
+        with torch.enable_grad():
+            for start in range(0, len(images), batch_size):
+                x = images[start : start + batch_size].to(device).requires_grad_(True)
+                log_p = torch.log_softmax(model(x), dim=1)
+                for weight, chosen in _label_draws(log_p.detach().exp(), draws):
+                    picked = log_p.gather(1, chosen.view(-1, 1)).squeeze(1)
+                    grads = torch.autograd.grad(
+                        picked.sum(), [outputs[layer] for layer in layers], retain_graph=True
+                    )
+                    for layer, grad in zip(layers, grads, strict=True):
+                        added = _per_channel(grad.detach().double() ** 2, weight.double())
+                        totals[layer] = added if not len(totals[layer]) else totals[layer] + added
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {layer: (total / len(images)).cpu() for layer, total in totals.items()}
+
+
+def _label_draws(probabilities: torch.Tensor, draws: int):
+    """(per-sample weight, label per sample) pairs whose weighted sum over the pairs is the sum
+    over classes with weight p_c(x): every class when few, else ``draws`` labels from p(x)."""
+    samples, classes = probabilities.shape
+    if classes <= draws:
+        for c in range(classes):
+            yield probabilities[:, c], torch.full((samples,), c, device=probabilities.device)
+        return
+    chosen = torch.multinomial(probabilities, draws, replacement=True)
+    for j in range(draws):
+        yield torch.full((samples,), 1.0 / draws, device=probabilities.device), chosen[:, j]
+
+
+def _per_channel(squares: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Sum over samples (weighted) and positions / tokens: conv outputs (N, C, H, W) keep C,
+    Linear outputs (N, ..., F) keep F."""
+    if squares.dim() == 4:
+        per_sample = squares.sum(dim=(2, 3))
+    else:
+        per_sample = squares.reshape(squares.shape[0], -1, squares.shape[-1]).sum(1)
+    return (per_sample * weight.view(-1, 1)).sum(0)
 
 
 def calibration_sample(space: UnitSpace, costs: dict[int, float], per_group: int) -> list[int]:

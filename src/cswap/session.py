@@ -37,8 +37,8 @@ from cswap.checkpoint import Checkpoint
 from cswap.compensation import Compensation, measure_means
 from cswap.criteria import criterion_scores, ranking_from_scores
 from cswap.devices import resolve_device
-from cswap.estimate import BandConfig
 from cswap.errors import CswapError
+from cswap.estimate import BandConfig
 from cswap.evaluate import masked_validation
 from cswap.fastscore import FastConfig, fast_categorize
 from cswap.measure import predict
@@ -420,6 +420,8 @@ class CausalRanker:
                     prepared.space,
                     self.compensation,
                     removed,
+                    images=prepared.calibration_images,
+                    device=prepared.device,
                     horizon=self.horizon * prepared.space.params_total,
                     cost_kind=self.cost_kind,
                     band=BandConfig(z=self.options.exact_band),

@@ -187,33 +187,65 @@ def register(app: typer.Typer) -> None:
     @app.command("bench-speed")
     @fail_cleanly
     def bench_speed_command(
-        model: Annotated[str, typer.Option(help="Model spec.")] = "zoo:resnet20",
+        model: Annotated[
+            str | None,
+            typer.Option(
+                help="Model spec (default zoo:resnet20); with --end-to-end a comma list of zoo "
+                "models (default all three)."
+            ),
+        ] = None,
         levers: Annotated[
-            str, typer.Option(help="naive, prefix, batching, sequential, futility, screening, all.")
-        ] = "naive,prefix,batching,sequential,futility,screening,all",
-        calib_per_class: Annotated[int, typer.Option(help="Calibration images per class.")] = 10,
+            str,
+            typer.Option(
+                help="naive, prefix, batching, sequential, futility, screening, band, all, "
+                "default (what cswap prune does: prefix reuse + the exact band)."
+            ),
+        ] = "naive,prefix,band,default",
+        calib_per_class: Annotated[int, typer.Option(help="Calibration images per class.")] = 50,
         compensate: Annotated[
             str,
             typer.Option(
                 help="Compensation of the scored interventions: none, mean or lstsq "
-                "(lstsq scores the refitted removal, as cswap prune does)."
+                "(lstsq scores the refitted removal, as cswap prune does; the band needs it)."
             ),
-        ] = "mean",
+        ] = "lstsq",
         memory_budget_mb: Annotated[
             float, typer.Option(help="Memory budget of batched interventions.")
         ] = 1024.0,
+        end_to_end: Annotated[
+            bool,
+            typer.Option(
+                "--end-to-end",
+                help="Time the default `cswap prune` of zoo:vgg (50%), zoo:resnet20 (30%) and "
+                "zoo:vit (35%) in fresh processes, with the per-stage timings.",
+            ),
+        ] = False,
+        exact: Annotated[
+            bool,
+            typer.Option(help="--end-to-end: also run with --exact-band 0 and compare."),
+        ] = False,
+        runs: Annotated[
+            Path, typer.Option(help="--end-to-end: where the runs go (replaced).")
+        ] = Path("runs/end_to_end"),
         out: Annotated[Path | None, typer.Option(help="Also write the JSON here.")] = None,
         seed: Annotated[int, typer.Option(help="Seed.")] = 0,
         device: DeviceOption = None,
         batch_size: BatchSizeOption = 256,
         as_json: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
     ) -> None:
-        """Scoring speed: naive exact scoring vs each lever alone and all combined."""
-        from cswap.bench import parse_list, speed_bench
+        """Scoring speed: naive exact scoring vs each lever and the tool's default; or, with
+        --end-to-end, the default prune's wall time."""
+        from cswap.bench import END_TO_END, end_to_end_bench, parse_list, speed_bench
         from cswap.devices import resolve_device
 
+        echo = (lambda _line: None) if as_json else typer.echo
+        if end_to_end:
+            models = tuple(END_TO_END) if model is None else parse_list(model)
+            result = end_to_end_bench(models, runs, exact=exact, echo=echo)
+            typer.echo(write_json(out, result))
+            return
         result = speed_bench(
-            model,
+            model or "zoo:resnet20",
             levers=parse_list(levers),
             calib_per_class=calib_per_class,
             compensate=compensate,
@@ -221,7 +253,7 @@ def register(app: typer.Typer) -> None:
             memory_budget_mb=memory_budget_mb,
             seed=seed,
             device=resolve_device(device),
-            echo=(lambda _line: None) if as_json else typer.echo,
+            echo=echo,
         )
         text = write_json(out, result)
         typer.echo(text)
