@@ -154,3 +154,11 @@ def test_speed_bench_reports_every_lever_against_naive():
     assert result["peak_memory_mb"] > 0
     with pytest.raises(CswapError, match="Unknown levers"):
         speed_bench("zoo:vit", levers=("warp",))
+
+
+def test_end_to_end_bench_refuses_a_model_without_a_target_before_running(tmp_path):
+    from cswap.bench import end_to_end_bench
+
+    with pytest.raises(CswapError, match="No end-to-end target for \\['zoo:nope'\\]"):
+        end_to_end_bench(["zoo:vgg", "zoo:nope"], tmp_path / "runs")
+    assert not (tmp_path / "runs").exists()

@@ -915,6 +915,69 @@ def _describe_end_to_end(row: dict) -> str:
     )
 
 
+def project_scoring(
+    spec: str,
+    *,
+    input_size: int = 224,
+    images: int = 8,
+    calibration_images: int = 500,
+    echo: Callable[[str], None] = print,
+) -> dict:
+    """Measure the exact per-unit scoring cost of ``spec`` (random init, ``input_size`` px) on
+    one unit of every group, with prefix reuse, and project one exact scoring round over every
+    unit at ``calibration_images`` images (the cost grows linearly with the images)."""
+    from cswap.adapters import canonicalize
+    from cswap.scoring import causal_effects
+    from cswap.units import discover_units
+
+    loaded = api.load_spec(spec)
+    model = canonicalize(loaded.model).eval()
+    torch.manual_seed(0)
+    batch = torch.randn(images, 3, input_size, input_size)
+    started = time.perf_counter()
+    space = discover_units(model, batch[:1])
+    discovery = time.perf_counter() - started
+    with torch.no_grad():
+        labels = model(batch).argmax(1)
+    sample = [group.unit_ids[0] for group in space.groups]
+    ticks: list[float] = []
+    # the first unit twice: its first pass also pays the tracing and the baseline pass
+    causal_effects(
+        model,
+        space,
+        batch,
+        labels,
+        units=[sample[0], *sample],
+        batch_size=images,
+        progress=lambda _n: ticks.append(time.perf_counter()),
+    )
+    per_unit = np.diff(ticks)
+    scale = calibration_images / images
+    round_seconds = sum(
+        len(group.unit_ids) * cost * scale
+        for group, cost in zip(space.groups, per_unit, strict=True)
+    )
+    result = {
+        "model": spec,
+        "input_size": input_size,
+        "units": len(space),
+        "groups": len(space.groups),
+        "params": space.params_total,
+        "macs": space.macs_total,
+        "unit_discovery_seconds": round(discovery, 1),
+        "measured_images": images,
+        "median_unit_seconds_per_image": float(np.median(per_unit) / images),
+        "exact_round_seconds": round(round_seconds, 1),
+        "calibration_images": calibration_images,
+        "torch_threads": torch.get_num_threads(),
+    }
+    echo(
+        f"{spec} @ {input_size}px: {len(space)} units in {len(space.groups)} groups; one exact "
+        f"round at {calibration_images} images: {round_seconds / 3600:.1f} h"
+    )
+    return result
+
+
 def latency_stability(
     run_dir: str | Path,
     *,

@@ -224,6 +224,14 @@ def register(app: typer.Typer) -> None:
             bool,
             typer.Option(help="--end-to-end: also run with --exact-band 0 and compare."),
         ] = False,
+        project: Annotated[
+            bool,
+            typer.Option(
+                "--project",
+                help="Measure one unit per group of --model (default torchvision:resnet50 and "
+                "vit_b_16, random init, 224 px) and project one exact scoring round.",
+            ),
+        ] = False,
         runs: Annotated[
             Path, typer.Option(help="--end-to-end: where the runs go (replaced).")
         ] = Path("runs/end_to_end"),
@@ -239,6 +247,13 @@ def register(app: typer.Typer) -> None:
         from cswap.devices import resolve_device
 
         echo = (lambda _line: None) if as_json else typer.echo
+        if project:
+            from cswap.bench import project_scoring
+
+            specs = parse_list(model or "torchvision:resnet50,torchvision:vit_b_16")
+            result = {"projections": [project_scoring(spec, echo=echo) for spec in specs]}
+            typer.echo(write_json(out, result))
+            return
         if end_to_end:
             models = tuple(END_TO_END) if model is None else parse_list(model)
             result = end_to_end_bench(models, runs, exact=exact, echo=echo)
