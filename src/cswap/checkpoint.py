@@ -51,7 +51,9 @@ class Checkpoint:
         state: ScheduleState,
         ranking: Ranking,
         rounds: list[tuple[int, Categorization]],
+        notes: list[dict] | None = None,
     ) -> None:
+        """``notes``: per round, what it spent (units scored exactly / estimated)."""
         self.directory.mkdir(parents=True, exist_ok=True)
         data = {
             "fingerprint": self.fingerprint,
@@ -70,6 +72,7 @@ class Checkpoint:
                 "categories": {str(k): v for k, v in ranking.categories.items()},
             },
             "rounds": [count for count, _ in rounds],
+            "round_notes": list(notes or []),
         }
         arrays: dict[str, np.ndarray] = {}
         for index, (_, categorization) in enumerate(rounds):
@@ -85,11 +88,13 @@ class Checkpoint:
 
     def load(
         self, config: CategoryConfig
-    ) -> tuple[ScheduleState | None, Ranking | None, list[tuple[int, Categorization]]]:
+    ) -> tuple[ScheduleState | None, Ranking | None, list[tuple[int, Categorization]], list[dict]]:
+        """(state, ranking, rounds, round notes) of the last save; Nones and empty lists when
+        there is no checkpoint."""
         path = self.directory / CHECKPOINT
         if not path.is_file():
             log.info("no checkpoint in %s: starting afresh", self.directory)
-            return None, None, []
+            return None, None, [], []
         try:
             return self._read(path, config)
         except CswapError:
@@ -149,4 +154,4 @@ class Checkpoint:
                 )
             )
         log.info("resuming after %d steps, %d units removed", len(steps), len(state.removed))
-        return state, ranking, rounds
+        return state, ranking, rounds, list(data.get("round_notes", []))

@@ -703,9 +703,11 @@ def run_progressive(
         checkpoint = Checkpoint(Path(checkpoint_dir), fingerprint)
     state = None
     if checkpoint is not None and resume:
-        state, preset, rounds = checkpoint.load(opts.category_config())
+        state, preset, rounds, notes = checkpoint.load(opts.category_config())
         ranker.preset = preset
         ranker.rounds.extend(rounds)
+        if hasattr(ranker, "round_notes"):
+            ranker.round_notes.extend(notes)
     steps_bar = _progress_bar(0, "pruning steps", progress, unit="step")
     last_ranking: list[Ranking] = []
 
@@ -726,7 +728,7 @@ def run_progressive(
         if step.accepted and on_accept is not None:
             on_accept(current)
         if checkpoint is not None and step.accepted:
-            checkpoint.save(current, last_ranking[0], ranker.rounds)
+            checkpoint.save(current, last_ranking[0], ranker.rounds, _notes(ranker))
 
     first_ranking = ranker(state.removed if state else ())
     last_ranking.append(first_ranking)
@@ -737,7 +739,7 @@ def run_progressive(
             chunk_params=schedule_config.initial_chunk * max(1, space.prunable_params),
             params_at_last_ranking=space.params_total,
         )
-        checkpoint.save(initial, first_ranking, ranker.rounds)
+        checkpoint.save(initial, first_ranking, ranker.rounds, _notes(ranker))
         state = initial
     with steps_bar:
         return run_schedule(
@@ -749,6 +751,10 @@ def run_progressive(
             state=state,
             on_step=on_step,
         )
+
+
+def _notes(ranker) -> list[dict]:
+    return list(getattr(ranker, "round_notes", []))
 
 
 def checkpoint_fingerprint(prepared: Session, options: Options, config: ScheduleConfig) -> dict:
