@@ -413,3 +413,19 @@ def test_an_unexpected_error_is_one_line_unless_debug(monkeypatch):
     assert_clean_error(result, "unexpected ZeroDivisionError", "cswap --debug", code=1)
     debug = cli("--debug", "zoo", "list")
     assert isinstance(debug.exception, ZeroDivisionError)
+
+
+def test_a_dependency_torch_pruning_cannot_follow_is_one_clear_error():
+    """torchvision's ShuffleNet-V2 (channel split, concat and shuffle) makes Torch-Pruning's
+    reshape index mapping divide by zero; that is one CswapError naming the cause and a fix."""
+    import torchvision
+
+    from cswap.units import discover_units
+
+    model = torchvision.models.shufflenet_v2_x0_5(num_classes=10).eval()
+    with pytest.raises(CswapError) as error:
+        discover_units(model, torch.randn(1, 3, 64, 64))
+    message = str(error.value)
+    assert "Torch-Pruning cannot follow this model's channel dependencies" in message
+    assert "ZeroDivisionError in its update_reshape_index_mapping" in message
+    assert "--ignore LAYER" in message

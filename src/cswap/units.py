@@ -18,6 +18,7 @@ norms; checked against the physically pruned model by the tests).
 
 from __future__ import annotations
 
+import traceback
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -29,7 +30,7 @@ from torch import nn
 from torch.utils import flop_counter
 
 from cswap.adapters import HeadSite, find_head_sites
-from cswap.errors import CswapError, running_model
+from cswap.errors import CswapError, first_line, running_model
 
 _MIXING_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
 _PER_CHANNEL_NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
@@ -334,22 +335,44 @@ def discover_units(
     model.eval()
     try:
         protected, _ = classifier_layers(model, example_input)
-        graph = tp.DependencyGraph().build_dependency(model, example_input, verbose=False)
         # an ignored container ignores every layer inside it
         ignored_modules = [
             module for name in (*protected, *ignored_layers) for module in by_name[name].modules()
         ]
+        graph, raw_groups = _dependency_groups(model, example_input, ignored_modules)
+        macs_per_module = _mac_per_module(model, example_input)
+    finally:
+        model.train(was_training)
+    sites = [site for _, site in find_head_sites(model)]
+    return _build_space(model, graph, raw_groups, names, protected, macs_per_module, sites)
+
+
+def _dependency_groups(model: nn.Module, example_input: torch.Tensor, ignored_modules: list):
+    """Torch-Pruning's dependency graph and coupled groups; an operation it cannot follow
+    (e.g. the reshape of a channel shuffle) is one clear error, not a crash inside it."""
+    try:
+        graph = tp.DependencyGraph().build_dependency(model, example_input, verbose=False)
         raw_groups = list(
             graph.get_all_groups(
                 ignored_layers=ignored_modules,
                 root_module_types=(nn.Conv2d, nn.Conv1d, nn.Linear),
             )
         )
-        macs_per_module = _mac_per_module(model, example_input)
-    finally:
-        model.train(was_training)
-    sites = [site for _, site in find_head_sites(model)]
-    return _build_space(model, graph, raw_groups, names, protected, macs_per_module, sites)
+    except CswapError:
+        raise
+    except Exception as error:
+        frames = [
+            f for f in traceback.extract_tb(error.__traceback__) if "torch_pruning" in f.filename
+        ]
+        where = f" in its {frames[-1].name}" if frames else ""
+        raise CswapError(
+            f"Torch-Pruning cannot follow this model's channel dependencies ({type(error).__name__}"
+            f"{where}: {first_line(error)}); reshapes that mix channels (a channel shuffle, "
+            "window partitions) are a known cause.",
+            "exclude the blocks around that operation with --ignore LAYER (ignored_layers=...), "
+            "or prune another architecture; please report this one.",
+        ) from error
+    return graph, raw_groups
 
 
 def _build_space(model, graph, raw_groups, names, protected, macs_per_module, sites) -> UnitSpace:
