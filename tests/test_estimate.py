@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TinyNet, randomize_batchnorm
 from cswap.banded import banded_categorization
 from cswap.categorize import ESTIMATED, CategoryConfig, categorize
 from cswap.compensation import consumer_indices, measure_means
@@ -25,20 +24,12 @@ from cswap.estimate import (
     reconstruction_costs,
 )
 from cswap.scoring import causal_effects
-from cswap.units import discover_units
-from test_lstsq_scoring import RIDGE, _inputs, _rows
+from test_lstsq_scoring import RIDGE, _rows, make_setting
 
 
 @pytest.fixture(scope="module")
 def setting():
-    torch.manual_seed(5)
-    model = randomize_batchnorm(TinyNet(width=4)).double().eval()
-    images = torch.randn(30, 1, 14, 14, dtype=torch.float64)
-    labels = torch.arange(30) % 3
-    space = discover_units(model, images[:1])
-    lstsq = measure_means(model, space, images, mode="lstsq", ridge=RIDGE)
-    layers = {target.layer for unit in space.units for target in unit.targets}
-    return model, space, images, labels, lstsq, _inputs(model, layers, images)
+    return make_setting(seed=5, images=30, classes=3)
 
 
 def _objective(module, rows, gone_channels):

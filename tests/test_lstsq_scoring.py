@@ -83,16 +83,22 @@ def _true_class(model, images, labels):
         return torch.softmax(model(images), 1).gather(1, labels.view(-1, 1)).squeeze(1).numpy()
 
 
+def make_setting(seed: int, images: int, classes: int):
+    """(model, space, images, labels, lstsq compensation, each consumer's recorded inputs): a
+    float64 TinyNet with random BatchNorm statistics."""
+    torch.manual_seed(seed)
+    model = randomize_batchnorm(TinyNet(width=4)).double().eval()
+    x = torch.randn(images, 1, 14, 14, dtype=torch.float64)
+    labels = torch.arange(images) % classes
+    space = discover_units(model, x[:1])
+    lstsq = measure_means(model, space, x, mode="lstsq", ridge=RIDGE)
+    layers = {target.layer for unit in space.units for target in unit.targets}
+    return model, space, x, labels, lstsq, _inputs(model, layers, x)
+
+
 @pytest.fixture(scope="module")
 def setting():
-    torch.manual_seed(3)
-    model = randomize_batchnorm(TinyNet(width=4)).double().eval()
-    images = torch.randn(24, 1, 14, 14, dtype=torch.float64)
-    labels = torch.arange(24) % 10
-    space = discover_units(model, images[:1])
-    lstsq = measure_means(model, space, images, mode="lstsq", ridge=RIDGE)
-    layers = {target.layer for unit in space.units for target in unit.targets}
-    return model, space, images, labels, lstsq, _inputs(model, layers, images)
+    return make_setting(seed=3, images=24, classes=10)
 
 
 def _pick(space):
