@@ -446,3 +446,24 @@ def test_timings_account_for_every_stage(result):
     assert sum(s["seconds"] for s in stages if s["stage"] == "validation step") == pytest.approx(
         totals["validation step"]["seconds"], abs=1e-2
     )
+
+
+def test_single_class_data_runs_and_cswap_tests_that_class_alone(trained_tiny, fashion_small):
+    """One class of Fashion-MNIST only: no class-conditional test is needed by a baseline, and
+    C-SWAP's critical test runs over that class (issue: real models, single-class data)."""
+    _, _, held_x, held_y = fashion_small
+    coats = held_x[held_y == 4]
+    calibration = TensorDataset(coats[:40], torch.full((40,), 4))
+    validation = TensorDataset(coats[40:], torch.full((len(coats) - 40,), 4))
+    common = dict(validation=validation, target_params=0.2, progress=False, correct_only=False)
+    l1 = cswap.prune(trained_tiny, calibration, method="l1", mode="oneshot", **common)
+    assert l1.report["stop_reason"] == "target_reached"
+    causal = cswap.prune(trained_tiny, calibration, mode="oneshot", min_class_size=3, **common)
+    report = causal.report
+    assert report["calibration"]["calibration_per_class"] == {"4": 40}
+    assert "one class" in report["calibration"]["note"]
+    assert any(
+        "the class-conditional test runs on that class alone" in w for w in report["warnings"]
+    )
+    assert report["stop_reason"] == "target_reached"
+    assert sum(report["categories"].values()) == report["units_total"]

@@ -335,9 +335,10 @@ def test_float_labels_must_be_whole_numbers():
 def test_correct_only_filtering_that_leaves_one_class_says_so():
     labels = np.array([0] * 10 + [1] * 10)
     predictions = np.array([0] * 10 + [7] * 10)  # class 1 is never recognised
-    with pytest.raises(CswapError) as error:
-        draw_calibration(np.arange(20), labels, per_class=5, predictions=predictions)
-    message = str(error.value)
+    split = draw_calibration(np.arange(20), labels, per_class=5, predictions=predictions)
+    assert set(split.calibration_labels) == {0}  # the run goes on, testing class 0 alone
+    message = split.summary()["note"]
+    assert "the class-conditional test runs on that class alone" in message
     assert "classifies only 50.0% of the 20 labelled images correctly" in message
     assert "keeps 1 of the data's 2 classes" in message
     assert "--no-correct-only" in message

@@ -73,9 +73,18 @@ def test_validation_size_caps_validation():
     assert len(np.intersect1d(split.calibration, split.validation)) == 0
 
 
-def test_one_class_and_empty_data_are_refused():
-    with pytest.raises(CswapError, match="The data hold 1 class: class-conditional tests need two"):
-        draw_calibration(np.arange(10), np.zeros(10, dtype=int), per_class=3, correct_only=False)
+def test_one_class_is_tested_alone_and_empty_data_are_refused():
+    split = draw_calibration(
+        np.arange(10), np.zeros(10, dtype=int), per_class=3, correct_only=False
+    )
+    assert len(split.calibration) == 3 and set(split.calibration_labels) == {0}
+    assert (
+        split.note == "The data hold 1 class: the class-conditional test runs on that class alone."
+    )
+    with pytest.raises(CswapError, match="None of the 10 labelled images is classified correctly"):
+        draw_calibration(
+            np.arange(10), np.zeros(10, dtype=int), per_class=3, predictions=np.ones(10, dtype=int)
+        )
     with pytest.raises(CswapError, match="empty"):
         draw_calibration(np.arange(0), np.zeros(0, dtype=int), per_class=3, correct_only=False)
     with pytest.raises(CswapError, match="label-free"):

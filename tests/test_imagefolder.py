@@ -37,14 +37,13 @@ def test_missing_folder_is_refused(tmp_path):
         ImageFolder(tmp_path / "nowhere")
 
 
-def test_one_class_is_refused_unless_label_free(image_folder):
+def test_one_class_is_enough(image_folder):
     for name in ("dog", "owl"):
         for file in (image_folder / name).iterdir():
             file.unlink()
         (image_folder / name).rmdir()
-    with pytest.raises(CswapError, match="only one class"):
-        ImageFolder(image_folder)
-    assert len(ImageFolder(image_folder, allow_single_class=True)) == 12
+    folder = ImageFolder(image_folder)
+    assert len(folder) == 12 and set(folder.labels.tolist()) == {0}
 
 
 def test_imagefolder_spec_with_a_seeded_test_split(image_folder):

@@ -320,6 +320,8 @@ def prune(
     if hint:
         log.warning(hint)
         report["warnings"].append(hint)
+    if prepared.calibration_info.get("note"):
+        report["warnings"].append(prepared.calibration_info["note"])
     arrays = units_arrays(first) if first is not None else _score_arrays(ranker.scores)
     with stage("evidence"):
         report["evidence"], arrays["evidence_images"] = _evidence(
@@ -744,9 +746,7 @@ def select_data(
     from cswap.data.spec import resolve_data
     from cswap.units import classifier_layers
 
-    source = resolve_data(
-        data_spec, loaded.preprocessing, data_dir=data_dir, allow_single_class=label_free
-    )
+    source = resolve_data(data_spec, loaded.preprocessing, data_dir=data_dir)
     if len(source.pool):  # the model must run on these images and output class scores
         classifier_layers(loaded.model.cpu(), source.dataset[int(source.pool[0])][0][None])
     model = loaded.model.to(device)

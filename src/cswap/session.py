@@ -321,14 +321,19 @@ def prepare(
         keep = calibration_predictions == labels
         dropped = int((~keep).sum())
         images, labels = images[keep], labels[keep]
+    if not len(labels):
+        raise CswapError(
+            f"No calibration image is left after dropping {dropped} misclassified images.",
+            "check that the labels are the model's class indices, or pass correct_only=False.",
+        )
+    note = None
     if len(torch.unique(labels)) < 2:
         filtered = f" after dropping {dropped} misclassified images" if dropped else ""
-        raise CswapError(
-            f"The calibration set holds fewer than two classes{filtered}: class-conditional "
-            "tests need two.",
-            "supply images of several classes"
-            + (" (or pass correct_only=False)." if dropped else "."),
+        note = (
+            f"The calibration set holds one class{filtered}: the class-conditional test runs "
+            "on that class alone."
         )
+        log.warning(note)
     space = discover_units(working.cpu(), example.cpu(), ignored_layers=options.ignored_layers)
     working.to(device)
     if len(space) == 0:
@@ -349,6 +354,7 @@ def prepare(
         "validation_source": validation_source,
         "label_free": label_free,
         "correct_only": options.correct_only and not label_free,
+        "note": note,
     }
     return Session(
         model=working,

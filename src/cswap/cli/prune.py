@@ -173,6 +173,8 @@ def run_prune(
         **options,
     )
     result.report["data"] = selection.summary
+    if selection.summary.get("note"):  # why one class, in the data's terms
+        result.report["warnings"].append(selection.summary["note"])
     result.report["command"] = command_line(
         model=model, data=data, out=out, target_params=target_params, target_macs=target_macs,
         tolerance=tolerance, method=method, mode=mode, compensate=compensate,

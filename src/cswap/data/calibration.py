@@ -21,6 +21,7 @@ Validation: the rest of the pool (every sample, correct or not), or a seeded sub
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,6 +30,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from cswap.errors import CswapError
+
+log = logging.getLogger("cswap")
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,7 @@ class CalibrationSplit:
     correct_only: bool
     label_free: bool
     short_classes: dict[int, int] = field(default_factory=dict)
+    note: str | None = None  # why the calibration set holds one class only, when it does
 
     def summary(self) -> dict:
         return {
@@ -54,6 +58,7 @@ class CalibrationSplit:
             "correct_only": self.correct_only,
             "label_free": self.label_free,
             "short_classes": {str(k): v for k, v in self.short_classes.items()},
+            "note": self.note,
         }
 
 
@@ -149,8 +154,17 @@ def draw_calibration(
             short[int(label)] = len(taken)
         chosen += taken.tolist()
     positions = np.sort(np.asarray(chosen, dtype=np.int64))
+    if not len(positions):
+        raise CswapError(
+            f"None of the {len(pool)} labelled images is classified correctly by the model, so "
+            "calibrating on correct images leaves nothing.",
+            "check that the data's labels are the model's class indices (and the model its "
+            "trained weights); or use --label-free, or --no-correct-only.",
+        )
+    note = None
     if len(np.unique(used_labels[positions])) < 2:
-        raise _too_few_classes(used_labels, eligible, label_free, correct_only)
+        note = _one_class_note(used_labels, eligible, label_free, correct_only)
+        log.warning(note)
     if validation_size is not None and validation_size < 1:
         raise CswapError(
             f"validation_size {validation_size} leaves no image to validate on.",
@@ -174,30 +188,28 @@ def draw_calibration(
         correct_only=correct_only and not label_free,
         label_free=label_free,
         short_classes=short,
+        note=note,
     )
 
 
-def _too_few_classes(labels, eligible, label_free: bool, correct_only: bool) -> CswapError:
-    """Why fewer than two classes are left, in the user's terms."""
+def _one_class_note(labels, eligible, label_free: bool, correct_only: bool) -> str:
+    """Why the calibration set holds one class, in the user's terms: C-SWAP then tests that
+    class alone (its per-class test is one-sided over it); baselines need no class at all."""
     classes = len(np.unique(labels))
+    tested = "the class-conditional test runs on that class alone"
     if label_free:
-        return CswapError(
-            f"The model assigns every one of the {len(labels)} images to one class: "
-            "class-conditional tests need two or more.",
-            "supply images the model assigns to several classes (a randomly initialised model "
-            "often predicts one class: load its trained weights with --weights FILE).",
+        return (
+            f"The model assigns every one of the {len(labels)} images to one class: {tested} "
+            "(a randomly initialised model often predicts one class: load its trained weights "
+            "with --weights FILE)."
         )
     if correct_only and classes >= 2:
         kept = len(np.unique(labels[eligible]))
         accuracy = float(np.mean(eligible))
-        return CswapError(
+        return (
             f"The model classifies only {accuracy:.1%} of the {len(labels)} labelled images "
-            f"correctly, so calibrating on correct images keeps {kept} of the data's "
-            f"{classes} classes; class-conditional tests need two.",
-            "check that the data's labels are the model's class indices (and the model its "
-            "trained weights); or use --label-free, or --no-correct-only.",
+            f"correctly, so calibrating on correct images keeps {kept} of the data's {classes} "
+            f"classes: {tested}. Check that the data's labels are the model's class indices "
+            "(and the model its trained weights); or use --label-free, or --no-correct-only."
         )
-    return CswapError(
-        f"The data hold {classes} class: class-conditional tests need two or more.",
-        "supply images of several classes.",
-    )
+    return f"The data hold {classes} class: {tested}."

@@ -19,8 +19,8 @@ class ImageFolder(Dataset):
     """Images under ``root/<class>/``; decoded lazily, preprocessed for the model.
 
     ``class_names`` fixes the class -> index mapping (e.g. the model's own label order); by default
-    the sorted sub-directory names are used. ``allow_single_class`` lets label-free use go ahead
-    with unlabeled images placed in one directory.
+    the sorted sub-directory names are used. One class directory is enough (label-free use, or
+    a run that tests that class alone).
     """
 
     def __init__(
@@ -29,7 +29,6 @@ class ImageFolder(Dataset):
         *,
         preprocessing: Preprocessing | None = None,
         class_names: list[str] | None = None,
-        allow_single_class: bool = False,
     ) -> None:
         self.root = Path(root)
         self.preprocessing = preprocessing or Preprocessing()
@@ -64,14 +63,6 @@ class ImageFolder(Dataset):
             )
         self.samples = samples
         self.labels = torch.tensor([label for _, label in samples], dtype=torch.long)
-        present = np.unique(self.labels.numpy())
-        if len(present) < 2 and not allow_single_class:
-            raise CswapError(
-                f"Image folder {self.root} has images of only one class "
-                f"({self.classes[present[0]]}): class-conditional tests need at least two.",
-                "add a sub-directory per class, or use label-free mode (--label-free) so the "
-                "model's own predictions serve as labels.",
-            )
 
     def __len__(self) -> int:
         return len(self.samples)

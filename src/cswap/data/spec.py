@@ -58,7 +58,6 @@ def resolve_data(
     preprocessing: Preprocessing,
     *,
     data_dir: str | Path | None = None,
-    allow_single_class: bool = False,
 ) -> DataSource:
     scheme, body, options = check_data_spec(spec)
     if scheme == "fashion-mnist":
@@ -78,9 +77,7 @@ def resolve_data(
     if scheme == "imagefolder":
         test_fraction = float(options.get("test_fraction", 0.0))
         seed = int(options.get("seed", 0))
-        folder = ImageFolder(
-            body, preprocessing=preprocessing, allow_single_class=allow_single_class
-        )
+        folder = ImageFolder(body, preprocessing=preprocessing)
         labels = folder.labels.numpy()
         pool, test = stratified_pool_test_split(labels, test_fraction, seed)
         return DataSource(
