@@ -5,6 +5,7 @@ import random
 import pytest
 import torch
 
+import cswap
 from conftest import TinyNet, randomize_batchnorm
 from cswap.errors import CswapError
 from cswap.intervene import hook_count, removed
@@ -143,3 +144,56 @@ def test_ignoring_a_container_ignores_the_layers_inside_it():
     model = TinyNet()
     space = discover_units(model, torch.zeros(1, 1, 14, 14), ignored_layers=["body"])
     assert not any(group.root.startswith("body") for group in space.groups)
+
+
+class SplitNet(torch.nn.Module):
+    """A fixed channel split (as in MixNet): Torch-Pruning couples the split's input channels,
+    but the forward pass hard-codes the split sizes, so removing one of them breaks it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        nn = torch.nn
+        self.a = nn.Conv2d(1, 8, 3, padding=1)
+        self.b = nn.Conv2d(4, 6, 3, padding=1)
+        self.c = nn.Conv2d(4, 6, 3, padding=1)
+        self.d = nn.Conv2d(6, 6, 1)
+        self.head = nn.Linear(6, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.a(x))
+        x1, x2 = torch.split(x, [4, 4], dim=1)
+        y = torch.relu(self.b(x1) + self.c(x2))
+        return self.head(torch.relu(self.d(y)).mean((2, 3)))
+
+
+def test_a_group_whose_removal_breaks_the_model_is_excluded_with_the_reason():
+    from cswap.surgery import verify_groups
+
+    torch.manual_seed(0)
+    model = SplitNet().eval()
+    example = torch.randn(1, 1, 8, 8)
+    space = discover_units(model, example)
+    assert sorted(g.root for g in space.groups) == ["a", "b", "d"]
+    failed = verify_groups(model, space, example)
+    assert list(failed) == ["a"]
+    assert failed["a"].startswith("removing a unit fails (RuntimeError: split_with_sizes")
+    tiny, tiny_example = TinyNet().eval(), torch.randn(1, 1, 14, 14)
+    assert verify_groups(tiny, discover_units(tiny, tiny_example), tiny_example) == {}
+    # end to end: the run goes on without that group, and the report says why
+    images = torch.randn(30, 1, 8, 8)
+    data = torch.utils.data.TensorDataset(images, torch.arange(30) % 10)
+    result = cswap.prune(
+        model,
+        data,
+        validation=data,
+        target_params=0.1,
+        method="l1",
+        mode="oneshot",
+        compensate="none",
+        correct_only=False,
+        progress=False,
+    )
+    excluded = {g["root"]: g["reason"] for g in result.report["excluded_groups"]}
+    assert excluded["a"] == failed["a"]
+    assert result.report["stop_reason"] == "target_reached"
+    assert {g["root"] for g in result.report["groups"]} == {"b", "d"}

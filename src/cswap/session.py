@@ -54,6 +54,7 @@ from cswap.schedule import (
     run_schedule,
 )
 from cswap.scoring import causal_effects
+from cswap.surgery import verify_groups
 from cswap.timings import stage
 from cswap.units import UnitSpace, classifier_layers, discover_units
 
@@ -334,7 +335,7 @@ def prepare(
             "on that class alone."
         )
         log.warning(note)
-    space = discover_units(working.cpu(), example.cpu(), ignored_layers=options.ignored_layers)
+    space = _verified_units(working.cpu(), example.cpu(), options)
     working.to(device)
     if len(space) == 0:
         raise CswapError(
@@ -757,6 +758,21 @@ def run_progressive(
             state=state,
             on_step=on_step,
         )
+
+
+def _verified_units(model: nn.Module, example: torch.Tensor, options: Options) -> UnitSpace:
+    """The units of ``model``, without the groups whose removal fails or is not what masking
+    computes (checked on a copy; excluded with the reason, which the report lists)."""
+    space = discover_units(model, example, ignored_layers=options.ignored_layers)
+    with stage("unit verification"):
+        failed = verify_groups(model, space, example) if len(space) else {}
+    if not failed:
+        return space
+    for root, reason in failed.items():
+        log.warning("group %s excluded: %s", root, reason)
+    return discover_units(
+        model, example, ignored_layers=options.ignored_layers, excluded_roots=failed
+    )
 
 
 def _notes(ranker) -> list[dict]:

@@ -10,7 +10,7 @@ from torch import nn
 
 from cswap.adapters import find_head_sites
 from cswap.compensation import Compensation, fold
-from cswap.errors import CswapError
+from cswap.errors import CswapError, first_line
 from cswap.intervene import removed
 from cswap.units import UnitSpace
 
@@ -83,6 +83,39 @@ def prune_copy(
 ) -> nn.Module:
     """``prune_and_fold`` without the fold record."""
     return prune_and_fold(model, space, units, example_input, compensation)[0]
+
+
+def verify_groups(
+    model: nn.Module, space: UnitSpace, example_input: torch.Tensor
+) -> dict[str, str]:
+    """Root layer -> why its group fails, for every group whose unit cannot be removed
+    physically as it is masked: one unit of every group is removed from one copy at once (one
+    surgery when all pass); a failure is bisected down to the groups that cause it."""
+    failed: dict[str, str] = {}
+    pending = [list(space.groups)]
+    while pending:
+        groups = pending.pop()
+        reason = _removal_failure(model, space, [g.unit_ids[0] for g in groups], example_input)
+        if reason is None:
+            continue
+        if len(groups) == 1:
+            failed[groups[0].root] = reason
+            continue
+        middle = len(groups) // 2
+        pending += [groups[:middle], groups[middle:]]
+    return failed
+
+
+def _removal_failure(model, space, units, example_input) -> str | None:
+    """Why removing ``units`` from a copy fails or differs from masking them; None if not."""
+    try:
+        pruned = prune_copy(model, space, units, example_input)
+        check_equivalence(model, pruned, space, units, example_input)
+    except EquivalenceError as error:
+        return f"removing a unit is not what masking it computes ({first_line(error)})"
+    except Exception as error:  # Torch-Pruning or the pruned model's forward pass
+        return f"removing a unit fails ({type(error).__name__}: {first_line(error)})"
+    return None
 
 
 @torch.no_grad()

@@ -321,8 +321,11 @@ def discover_units(
     example_input: torch.Tensor,
     *,
     ignored_layers: Sequence[str] = (),
+    excluded_roots: dict[str, str] | None = None,
 ) -> UnitSpace:
-    """Find every unit of ``model`` (channels of conv groups, neurons of Linear groups)."""
+    """Find every unit of ``model`` (channels of conv groups, neurons of Linear groups);
+    ``excluded_roots``: root layer -> why its group is excluded (e.g. it failed verification,
+    ``cswap.surgery.verify_groups``)."""
     names = module_names(model)
     by_name = dict(model.named_modules())
     unknown = [name for name in ignored_layers if name not in by_name]
@@ -344,7 +347,9 @@ def discover_units(
     finally:
         model.train(was_training)
     sites = [site for _, site in find_head_sites(model)]
-    return _build_space(model, graph, raw_groups, names, protected, macs_per_module, sites)
+    return _build_space(
+        model, graph, raw_groups, names, protected, macs_per_module, sites, excluded_roots or {}
+    )
 
 
 def _dependency_groups(model: nn.Module, example_input: torch.Tensor, ignored_modules: list):
@@ -375,7 +380,9 @@ def _dependency_groups(model: nn.Module, example_input: torch.Tensor, ignored_mo
     return graph, raw_groups
 
 
-def _build_space(model, graph, raw_groups, names, protected, macs_per_module, sites) -> UnitSpace:
+def _build_space(
+    model, graph, raw_groups, names, protected, macs_per_module, sites, excluded_roots
+) -> UnitSpace:
     units: list[Unit] = []
     groups: list[UnitGroup] = []
     excluded: list[ExcludedGroup] = []
@@ -391,7 +398,7 @@ def _build_space(model, graph, raw_groups, names, protected, macs_per_module, si
         root_module = raw[0].dep.target.module
         root = names.get(root_module, "?")
         size = len(raw[0].idxs)
-        reason = _exclusion_reason(graph, raw, names)
+        reason = excluded_roots.get(root) or _exclusion_reason(graph, raw, names)
         if reason is None and _touches(graph, raw, names, owned):
             reason = "attention dimensions: heads are the units there (see the adapter)"
         if reason is None and size < 2:
@@ -451,6 +458,11 @@ def _build_space(model, graph, raw_groups, names, protected, macs_per_module, si
         groups.append(UnitGroup(group_id, root, kind, size, tuple(layers), unit_ids))
 
     for site in sites:
+        if site.attention in excluded_roots:
+            excluded.append(
+                ExcludedGroup(site.attention, site.num_heads, excluded_roots[site.attention])
+            )
+            continue
         _add_head_group(model, site, units, groups, dim_sizes, unit_dims)
     param_terms, mac_terms = _accounting_terms(model, names, dim_sizes, macs_per_module)
     space = UnitSpace(
