@@ -197,3 +197,19 @@ def test_a_group_whose_removal_breaks_the_model_is_excluded_with_the_reason():
     assert excluded["a"] == failed["a"]
     assert result.report["stop_reason"] == "target_reached"
     assert {g["root"] for g in result.report["groups"]} == {"b", "d"}
+
+
+def test_running_out_of_memory_while_verifying_is_one_error_not_excluded_groups(monkeypatch):
+    from cswap import surgery
+
+    model, example = TinyNet().eval(), torch.randn(1, 1, 14, 14)
+    space = discover_units(model, example)
+
+    def no_room(*_args, **_kwargs):
+        raise RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate"
+        )
+
+    monkeypatch.setattr(surgery, "prune_copy", no_room)
+    with pytest.raises(CswapError, match="Out of memory while removing units from a copy"):
+        surgery.verify_groups(model, space, example)

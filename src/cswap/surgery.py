@@ -114,8 +114,21 @@ def _removal_failure(model, space, units, example_input) -> str | None:
     except EquivalenceError as error:
         return f"removing a unit is not what masking it computes ({first_line(error)})"
     except Exception as error:  # Torch-Pruning or the pruned model's forward pass
+        if _out_of_memory(error):  # says nothing about the group: no copy fits
+            raise CswapError(
+                "Out of memory while removing units from a copy of the model to verify them "
+                f"({first_line(error)[:120]}): pruning needs room for a second copy.",
+                "free memory or use a machine with about twice the model's size to spare.",
+            ) from error
         return f"removing a unit fails ({type(error).__name__}: {first_line(error)})"
     return None
+
+
+def _out_of_memory(error: Exception) -> bool:
+    text = str(error)
+    return isinstance(error, MemoryError) or any(
+        marker in text for marker in ("DefaultCPUAllocator", "out of memory", "OutOfMemory")
+    )
 
 
 @torch.no_grad()
