@@ -67,8 +67,8 @@ def test_removal_cost_is_the_growth_of_the_refit_objective(setting):
         layer: torch.rand(model.get_submodule(layer).weight.shape[0], generator=generator)
         for layer in layers
     }
-    costs = reconstruction_costs(model, space, compensation, candidates)
-    weighted = reconstruction_costs(model, space, compensation, candidates, weights)
+    costs = reconstruction_costs(space, compensation, candidates)
+    weighted = reconstruction_costs(space, compensation, candidates, weights)
     assert sorted(costs) == sorted(candidates) == sorted(weighted)
     base_inputs = consumer_indices(space, base)
     for unit in candidates:
@@ -120,8 +120,8 @@ def test_output_sensitivity_is_the_diagonal_fisher_per_output_channel(setting):
 def test_no_estimate_without_a_refit(setting):
     model, space, images, *_ = setting
     mean = measure_means(model, space, images, mode="mean")
-    assert reconstruction_costs(model, space, mean, [0, 1]) == {}
-    assert reconstruction_costs(model, space, None, [0, 1]) == {}
+    assert reconstruction_costs(space, mean, [0, 1]) == {}
+    assert reconstruction_costs(space, None, [0, 1]) == {}
 
 
 def test_calibration_sample_spreads_over_each_group(setting):

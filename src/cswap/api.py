@@ -520,7 +520,7 @@ def _scoring_rounds(ranker) -> list[dict]:
     """Per scoring round: units removed before it, its categories, and how many units it
     scored exactly (the rest estimated, cswap.banded); rounds resumed from a checkpoint have
     no such note."""
-    notes = list(getattr(ranker, "round_notes", []))
+    notes = list(ranker.round_notes)
     notes = [{}] * (len(ranker.rounds) - len(notes)) + notes
     return [
         {"removed_before": removed_before, "categories": cat.counts()} | note

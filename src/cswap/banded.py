@@ -101,9 +101,9 @@ def banded_categorization(
 
 def _estimates(model, space, compensation, removed, units, images, device) -> dict[int, float]:
     """Sensitivity-weighted reconstruction costs on the model as it stands (``removed`` gone,
-    compensated); {} without a refit."""
+    compensated); {} without a refit (no unit then has an estimate, see reconstruction_costs)."""
     if compensation is None or not compensation.bases:
-        return {}
+        return {}  # the sensitivity pass would be wasted
     layers = sorted({t.layer for unit in units for t in space.units[unit].targets})
     was_training = model.training
     model.eval()
@@ -112,4 +112,4 @@ def _estimates(model, space, compensation, removed, units, images, device) -> di
             sensitivity = output_sensitivity(model, layers, images, device=device)
     finally:
         model.train(was_training)
-    return reconstruction_costs(model, space, compensation, units, sensitivity)
+    return reconstruction_costs(space, compensation, units, sensitivity)

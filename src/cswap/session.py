@@ -521,6 +521,7 @@ class CriterionRanker:
     def __init__(self, method: str, prepared: Session, options: Options) -> None:
         self.method = method
         self.rounds: list[tuple[int, Categorization]] = []
+        self.round_notes: list[dict] = []  # a criterion scores no causal rounds
         self.preset: Ranking | None = None
         self.backend = None
         with stage("criterion scoring"):
@@ -713,8 +714,7 @@ def run_progressive(
         state, preset, rounds, notes = checkpoint.load(opts.category_config())
         ranker.preset = preset
         ranker.rounds.extend(rounds)
-        if hasattr(ranker, "round_notes"):
-            ranker.round_notes.extend(notes)
+        ranker.round_notes.extend(notes)
     steps_bar = _progress_bar(0, "pruning steps", progress, unit="step")
     last_ranking: list[Ranking] = []
 
@@ -735,7 +735,7 @@ def run_progressive(
         if step.accepted and on_accept is not None:
             on_accept(current)
         if checkpoint is not None and step.accepted:
-            checkpoint.save(current, last_ranking[0], ranker.rounds, _notes(ranker))
+            checkpoint.save(current, last_ranking[0], ranker.rounds, ranker.round_notes)
 
     first_ranking = ranker(state.removed if state else ())
     last_ranking.append(first_ranking)
@@ -746,7 +746,7 @@ def run_progressive(
             chunk_params=schedule_config.initial_chunk * max(1, space.prunable_params),
             params_at_last_ranking=space.params_total,
         )
-        checkpoint.save(initial, first_ranking, ranker.rounds, _notes(ranker))
+        checkpoint.save(initial, first_ranking, ranker.rounds, ranker.round_notes)
         state = initial
     with steps_bar:
         return run_schedule(
@@ -773,10 +773,6 @@ def _verified_units(model: nn.Module, example: torch.Tensor, options: Options) -
     return discover_units(
         model, example, ignored_layers=options.ignored_layers, excluded_roots=failed
     )
-
-
-def _notes(ranker) -> list[dict]:
-    return list(getattr(ranker, "round_notes", []))
 
 
 def checkpoint_fingerprint(prepared: Session, options: Options, config: ScheduleConfig) -> dict:
