@@ -499,6 +499,7 @@ def _base_report(prepared: Session, options: Options, model_spec, method, first)
         "method": method,
         "settings": options.to_dict(),
         "calibration": prepared.calibration_info,
+        "prefix_reuse": prepared.prefix_reuse,
         "categories": first.counts() if first is not None else None,
         "category_test": first.config.to_dict() if first is not None else None,
         "units_total": len(prepared.space),

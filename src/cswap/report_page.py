@@ -639,7 +639,8 @@ def _timings_section(report: dict) -> str:
         for name, entry in sorted(totals.items(), key=order)
     )
     return f"""<h2>Where the time went</h2>
-<p>Wall time per stage of the run ({report.get("total_seconds")} s in all).</p>
+<p>Wall time per stage of the run ({report.get("total_seconds")} s in all). Prefix reuse in
+scoring: {e(report.get("prefix_reuse") or "off")}.</p>
 <table><tr><th>stage</th><th>times</th><th>seconds</th></tr>{rows}</table>"""
 
 

@@ -229,7 +229,7 @@ def causal_effects(
     runner = None
     if prefix_reuse and units:
         consumers = {t.layer for unit in units for t in space.units[unit].targets}
-        runner = try_suffix_runner(model, consumers)
+        runner = try_suffix_runner(model, consumers, images[:1].to(device))
     cuts = [_cut_layer(space, unit, runner) for unit in units]
     by_cut: dict[str | None, list[int]] = {}
     for row, cut in enumerate(cuts):

@@ -54,6 +54,7 @@ from cswap.schedule import (
     run_schedule,
 )
 from cswap.scoring import causal_effects
+from cswap.suffix import prefix_path
 from cswap.surgery import verify_groups
 from cswap.timings import stage
 from cswap.units import UnitSpace, classifier_layers, discover_units
@@ -240,6 +241,7 @@ class Session:
     example_input: torch.Tensor
     num_classes: int
     calibration_info: dict
+    prefix_reuse: str = "off"  # how scoring reuses prefixes: "fx graph", "module calls", "off"
 
     def validator(self, compensation: Compensation | None):
         """``validate(units) -> Validation``: the masked model (with ``compensation``) against
@@ -369,6 +371,7 @@ def prepare(
         example_input=example.cpu(),
         num_classes=num_classes,
         calibration_info=info,
+        prefix_reuse=_prefix_path(working, space, example.to(device), options),
     )
 
 
@@ -758,6 +761,14 @@ def run_progressive(
             state=state,
             on_step=on_step,
         )
+
+
+def _prefix_path(model: nn.Module, space: UnitSpace, example: torch.Tensor, options) -> str:
+    """The prefix reuse scoring will take on this model (recorded in the report)."""
+    if not options.prefix_reuse:
+        return "off"
+    consumers = {target.layer for unit in space.units for target in unit.targets}
+    return prefix_path(model, consumers, example[:1])
 
 
 def _verified_units(model: nn.Module, example: torch.Tensor, options: Options) -> UnitSpace:

@@ -1,29 +1,58 @@
 """Prefix reuse: run a model from the input of a chosen layer onward (METHOD.md section 7).
 
 Removing a unit changes nothing before its first consumer, so the activations up to there are
-computed once per calibration batch and only the rest of the network is rerun per unit. The model
-is traced with ``torch.fx``; a model that cannot be traced (data-dependent control flow, ...) or a
-layer that is called more than once falls back to a full forward pass, automatically.
+computed once per calibration batch and only the rest of the network is rerun per unit. Two ways,
+tried in this order, each exact (the same operations on the same values):
 
-The traced graph shares its submodules with the model, so cswap's masking hooks apply to it.
+- ``fx graph``: the model traced with ``torch.fx``; the suffix is the graph from the cut node on.
+  The traced graph shares its submodules with the model, so cswap's masking hooks apply to it.
+- ``module calls``: for models fx cannot trace (Python control flow on shapes or attributes,
+  custom block ``forward`` code). The model's own ``forward`` runs, but every submodule call that
+  ends before the cut layer starts returns the output it had in the full pass instead of computing
+  it. Only modules called once per forward are replayed and each batch's call order is checked
+  against the cut, so a call order that depends on the data falls back to a full pass for that
+  batch instead of being wrong.
+
+A layer that is called more than once has no single cut point and is scored with full passes.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections import OrderedDict
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 import torch
 from torch import fx, nn
 
+from cswap.errors import first_line
+
 log = logging.getLogger(__name__)
+
+
+class _LeafTracer(fx.Tracer):
+    """Symbolic tracing that keeps every cut layer a module call, also a custom subclass
+    (e.g. a padded convolution) whose forward fx would otherwise trace through."""
+
+    def __init__(self, leaves: set[str]) -> None:
+        super().__init__()
+        self.leaves = leaves
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        return qualified_name in self.leaves or super().is_leaf_module(module, qualified_name)
 
 
 class SuffixRunner:
     """Full forward passes that keep the values each cut needs, and reruns from a cut."""
 
+    kind = "fx graph"
+
     def __init__(self, model: nn.Module, cut_layers: Iterable[str]) -> None:
-        self.graph_module = fx.symbolic_trace(model)
+        cut_layers = set(cut_layers)
+        graph = _LeafTracer(cut_layers).trace(model)
+        self.graph_module = fx.GraphModule(model, graph)
         self.nodes = list(self.graph_module.graph.nodes)
         position = {node: index for index, node in enumerate(self.nodes)}
         calls: dict[str, list[fx.Node]] = {}
@@ -76,10 +105,218 @@ class SuffixRunner:
         )
 
 
-def try_suffix_runner(model: nn.Module, cut_layers: Iterable[str]) -> SuffixRunner | None:
-    """A SuffixRunner, or None (full forward passes) when the model cannot be traced."""
+def try_suffix_runner(
+    model: nn.Module, cut_layers: Iterable[str], example: torch.Tensor | None = None
+) -> SuffixRunner | ModuleCallRunner | None:
+    """An fx SuffixRunner; for a model fx cannot trace, a ModuleCallRunner probed on
+    ``example``; None (full forward passes) when neither finds a cut."""
+    cut_layers = set(cut_layers)
+    traced = None
     try:
-        return SuffixRunner(model, cut_layers)
+        traced = SuffixRunner(model, cut_layers)
     except Exception as error:  # fx raises many kinds of errors on untraceable code
-        log.info("prefix reuse off (model not traceable with torch.fx: %s)", error)
+        log.info("fx cannot trace the model (%s); trying module-call replay", first_line(error))
+    if example is None or (traced is not None and len(traced.cut_index) == len(cut_layers)):
+        return traced
+    replay = ModuleCallRunner(model, cut_layers, example)
+    best = max((r for r in (traced, replay) if r is not None), key=lambda r: len(r.cut_index))
+    if not best.cut_index:
+        log.info("prefix reuse off: no cut layer is called exactly once")
         return None
+    return best
+
+
+def prefix_path(model: nn.Module, cut_layers: Iterable[str], example: torch.Tensor) -> str:
+    """Which prefix reuse a scoring of ``model`` takes: "fx graph", "module calls" or "off"."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            runner = try_suffix_runner(model, cut_layers, example)
+    finally:
+        model.train(was_training)
+    return "off" if runner is None else runner.kind
+
+
+@dataclass
+class _Call:
+    name: str
+    start: int
+    end: int = -1
+    parent: _Call | None = None
+    tensor_output: bool = False
+    children: list[_Call] = field(default_factory=list)
+
+
+class _CallRecorder:
+    """Hooks on every submodule that record one forward pass's call tree (start/end order)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.calls: list[_Call] = []
+        self._outputs: list[tuple[str, torch.Tensor, int]] = []
+        self._stack: list[_Call] = []
+        self._clock = 0
+        self._handles = []
+
+    def _enter(self, name):
+        def hook(_module, _inputs):
+            parent = self._stack[-1] if self._stack else None
+            call = _Call(name, self._tick(), parent=parent)
+            if parent is not None:
+                parent.children.append(call)
+            self.calls.append(call)
+            self._stack.append(call)
+
+        return hook
+
+    def _leave(self, _module, _inputs, output):
+        call = self._stack.pop()
+        call.end = self._tick()
+        call.tensor_output = isinstance(output, torch.Tensor)
+        if call.tensor_output:
+            self._outputs.append((call.name, output, output._version))
+
+    def changed_in_place(self) -> set[str]:
+        """Modules whose output the forward code changed in place after they returned."""
+        return {name for name, output, version in self._outputs if output._version != version}
+
+    def _tick(self) -> int:
+        self._clock += 1
+        return self._clock
+
+    def __enter__(self):
+        for name, module in self.model.named_modules():
+            self._handles.append(module.register_forward_pre_hook(self._enter(name)))
+            self._handles.append(module.register_forward_hook(self._leave))
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self._handles:
+            handle.remove()
+        return False
+
+
+def _replay_plan(cut: _Call, once: set[str]) -> list[str]:
+    """The largest module calls that end before ``cut`` starts: its ancestors' earlier children,
+    each replaced by its own children when it is called more than once or returns no tensor."""
+    plan: list[str] = []
+
+    def take(call: _Call) -> None:
+        if call.name in once and call.tensor_output:
+            plan.append(call.name)
+        else:
+            for child in call.children:
+                take(child)
+
+    ancestor = cut.parent
+    while ancestor is not None:
+        for child in ancestor.children:
+            if child.end != -1 and child.end < cut.start:
+                take(child)
+        ancestor = ancestor.parent
+    return plan
+
+
+class ModuleCallRunner:
+    """Prefix reuse by replaying module outputs, for models ``torch.fx`` cannot trace."""
+
+    kind = "module calls"
+
+    def __init__(self, model: nn.Module, cut_layers: Iterable[str], example: torch.Tensor) -> None:
+        self.model = model
+        self.modules = dict(model.named_modules())
+        with torch.no_grad(), _CallRecorder(model) as recorder:
+            model(example)
+        counts: dict[str, int] = {}
+        for call in recorder.calls:
+            counts[call.name] = counts.get(call.name, 0) + 1
+        once = {name for name, count in counts.items() if count == 1 and name}
+        first = {call.name: call for call in reversed(recorder.calls)}
+        self.cut_index: dict[str, int] = {}
+        self.plans: dict[str, list[str]] = {}
+        for layer in set(cut_layers):
+            if layer in once:
+                self.cut_index[layer] = first[layer].start
+                self.plans[layer] = _replay_plan(first[layer], once)
+        self._kept = sorted({name for plan in self.plans.values() for name in plan})
+        self._in_place = recorder.changed_in_place()
+        recorder._outputs.clear()
+
+    def supports(self, layer: str) -> bool:
+        return layer in self.cut_index
+
+    def full(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, dict]]:
+        """The model's output on ``images`` and, per cut, the outputs its replay needs (only
+        the input when this batch's call order does not allow a replay)."""
+        outputs: dict[str, tuple[torch.Tensor, int]] = {}
+        order: dict[str, list[list[int]]] = {}
+        clock = [0]
+
+        def tick() -> int:
+            clock[0] += 1
+            return clock[0]
+
+        def enter(name):
+            return lambda _module, _inputs: order.setdefault(name, []).append([tick(), -1])
+
+        def leave(name):
+            def hook(_module, _inputs, output):
+                order[name][-1][1] = tick()
+                if isinstance(output, torch.Tensor):
+                    kept = output.clone() if name in self._in_place else output
+                    outputs[name] = (kept, kept._version)
+
+            return hook
+
+        handles = []
+        try:
+            for name in {*self._kept, *self.cut_index}:
+                module = self.modules[name]
+                handles.append(module.register_forward_pre_hook(enter(name)))
+                handles.append(module.register_forward_hook(leave(name)))
+            logits = self.model(images)
+        finally:
+            for handle in handles:
+                handle.remove()
+        # an output the forward code later changed in place is not what the module returned:
+        # from now on it is kept (and replayed) as a copy; this batch does without it
+        changed = {name for name, (value, version) in outputs.items() if value._version != version}
+        self._in_place |= changed
+        kept = {name: value for name, (value, _) in outputs.items() if name not in changed}
+        caches = {layer: self._cache(layer, images, kept, order) for layer in self.cut_index}
+        return logits, caches
+
+    def _cache(self, layer, images, outputs, order) -> dict:
+        cache = {"": images}
+        calls = order.get(layer, [])
+        if len(calls) != 1:
+            return cache
+        start = calls[0][0]
+        plan = self.plans[layer]
+        if all(
+            name in outputs and len(order[name]) == 1 and order[name][0][1] < start for name in plan
+        ):
+            cache.update({name: outputs[name] for name in plan})
+        return cache
+
+    def run_from(self, layer: str, cache: dict) -> torch.Tensor:
+        """The model rerun on the cached input with every planned call answered from ``cache``
+        (hooks of a replayed module do not run again: its cached output already has them)."""
+        replayed = [name for name in self.plans[layer] if name in cache]
+        saved = []
+        try:
+            for name in replayed:
+                module = self.modules[name]
+                saved.append((module, module._forward_pre_hooks, module._forward_hooks))
+                module._forward_pre_hooks, module._forward_hooks = OrderedDict(), OrderedDict()
+                module.forward = functools.partial(_replay, cache[name], name in self._in_place)
+            return self.model(cache[""])
+        finally:
+            for module, pre_hooks, hooks in saved:
+                del module.forward
+                module._forward_pre_hooks, module._forward_hooks = pre_hooks, hooks
+
+
+def _replay(output: torch.Tensor, copy: bool, *_args, **_kwargs) -> torch.Tensor:
+    return output.clone() if copy else output
