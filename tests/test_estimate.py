@@ -146,6 +146,8 @@ def test_fit_scale_recovers_per_group_scales(setting):
             exact[unit] = scale * (i + 1) * (1.1 if (i, scale) == (0, 2.0) else 1.0)
     dead = groups[0].unit_ids[3]
     costs[dead], exact[dead] = 0.0, 0.0  # carries no scale information
+    near_dead = groups[1].unit_ids[3]  # exact KL at float32's noise floor: no information either
+    costs[near_dead], exact[near_dead] = 1e-7, 4e-14
     fit = fit_scale(space, costs, exact, min_sd=0.0)
     first = math.log(2.0) + math.log(1.1) / 3
     assert fit.log_scale[groups[0].id] == pytest.approx(first)
@@ -162,13 +164,14 @@ def test_exact_band_covers_the_cut_and_its_margin():
     estimated = {1: 1.0, 2: 2.0, 3: 3.0, 4: 10.0, 5: 40.0}
     per_cost = {u: 1.0 for u in estimated}
     params = {1: 5.0, 2: 5.0, 3: 5.0, 4: 5.0, 5: 5.0}
-    # the cheapest 10 parameters end at unit 2 (key 2.0); within a factor 2: keys <= 4
+    # the cheapest 10 parameters end at unit 2 (key 2.0); within a factor 2: keys in [1, 4]
     assert exact_band(estimated, per_cost, params, 10.0, 2.0) == {1, 2, 3}
     assert exact_band(estimated, per_cost, params, 10.0, 5.0) == {1, 2, 3, 4}
     assert exact_band(estimated, per_cost, params, 100.0, 1.0) == {1, 2, 3, 4, 5}  # not reached
     per_cost[5] = 100.0  # a cheap unit per parameter saved comes first
     assert exact_band(estimated, per_cost, params, 5.0, 1.0) == {5}
-    assert exact_band(estimated, per_cost, params, 10.0, 1.0) == {1, 5}
+    assert exact_band(estimated, per_cost, params, 10.0, 1.0) == {1}  # far below: estimated
+    assert exact_band(estimated, per_cost, params, 10.0, 3.0) == {5, 1, 2, 3}
 
 
 def _banded(setting, z, horizon):
