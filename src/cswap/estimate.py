@@ -43,15 +43,18 @@ from cswap.units import UnitSpace
 class BandConfig:
     """``z``: the band's half-width in residual sd of the estimate (log scale); ``per_group``:
     units per group scored exactly to fit the estimate's scale; ``min_sd``: a floor on that sd
-    (a few units per group can agree by chance)."""
+    (a few units per group can agree by chance); ``max_exact``: at most this many units scored
+    exactly inside the band per round, the closest to the edge first (0: no cap), for models
+    whose band holds more units than the time allows."""
 
     z: float = 2.0
     per_group: int = 4
     min_sd: float = 0.25
+    max_exact: int = 0
 
     def __post_init__(self) -> None:
-        if self.z <= 0 or self.per_group < 2 or self.min_sd < 0:
-            raise ValueError("band needs z > 0, per_group >= 2 and min_sd >= 0.")
+        if self.z <= 0 or self.per_group < 2 or self.min_sd < 0 or self.max_exact < 0:
+            raise ValueError("band needs z > 0, per_group >= 2, min_sd >= 0 and max_exact >= 0.")
 
 
 @dataclass(frozen=True)
@@ -213,11 +216,13 @@ def exact_band(
     params: dict[int, float],
     horizon: float,
     spread: float,
+    limit: int = 0,
 ) -> set[int]:
     """Units whose estimated damage per cost lies within a factor ``spread`` (exp(z * sd)) of
     the point where the cheapest ``horizon`` parameters (by ``params``, what each unit's removal
     saves) end, in the order of the estimate divided by ``per_cost``: on either side, so a unit
-    far below the edge is cut on its estimate. Every unit when the horizon is not reached."""
+    far below the edge is cut on its estimate. Every unit when the horizon is not reached.
+    ``limit`` > 0: only that many, the closest to the edge (by the ratio of keys)."""
     keys = {u: (v / per_cost[u] if per_cost[u] > 0 else math.inf) for u, v in estimated.items()}
     order = sorted(keys, key=lambda u: (keys[u], u))
     total = 0.0
@@ -225,5 +230,17 @@ def exact_band(
         total += params[unit]
         if total >= horizon:
             edge = keys[unit]
-            return {u for u in order if edge / spread <= keys[u] <= edge * spread}
-    return set(order)
+            inside = [u for u in order if edge / spread <= keys[u] <= edge * spread]
+            break
+    else:
+        edge, inside = math.inf, order
+    if 0 < limit < len(inside):
+        tiny = 1e-300  # keys of dead units are 0
+
+        def distance(u: int) -> float:
+            if math.isinf(edge) or math.isinf(keys[u]):
+                return 0.0 if keys[u] == edge else math.inf
+            return abs(math.log((keys[u] + tiny) / (edge + tiny)))
+
+        inside = sorted(inside, key=lambda u: (distance(u), u))[:limit]
+    return set(inside)

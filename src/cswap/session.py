@@ -96,6 +96,7 @@ class Options:
     prefix_reuse: bool = True
     # exact scoring only within exact_band residual sd of the next cut (cswap.estimate); 0: all
     exact_band: float = 2.0
+    exact_max: int = 0  # at most this many units per round exact inside the band (0: no cap)
     units_per_pass: int | None = None  # None: auto (1 on CPU); 0: fill memory_budget_mb
     memory_budget_mb: float = 1024.0
     # scale-out: score on Ray workers (0: in this process); ray_address joins a cluster
@@ -434,7 +435,7 @@ class CausalRanker:
                     device=prepared.device,
                     horizon=self.horizon * prepared.space.params_total,
                     cost_kind=self.cost_kind,
-                    band=BandConfig(z=self.options.exact_band),
+                    band=BandConfig(z=self.options.exact_band, max_exact=self.options.exact_max),
                     category_config=self.options.category_config(),
                     progress=bar.update,
                 )
@@ -670,6 +671,11 @@ def make_options(overrides: dict[str, Any]) -> Options:
         raise CswapError(
             f"exact_band must be a finite number >= 0, got {options.exact_band}.",
             "use e.g. 2 (the default), or 0 to score every unit exactly.",
+        )
+    if options.exact_max < 0:
+        raise CswapError(
+            f"exact_max must be >= 0, got {options.exact_max}.",
+            "use e.g. 300 (units per round scored exactly inside the band), or 0 for no cap.",
         )
     if not 0.0 < options.validation_fraction < 1.0:
         raise CswapError("validation_fraction must be in (0, 1).", "use e.g. 0.5.")

@@ -342,6 +342,13 @@ def register(app: typer.Typer) -> None:
                 "exactly (needs lstsq)."
             ),
         ] = 2.0,
+        exact_max: Annotated[
+            int,
+            typer.Option(
+                help="Progressive: at most this many units per scoring round exactly inside the "
+                "band, the closest to the cut first (for big models); 0: no cap."
+            ),
+        ] = 0,
         units_per_pass: Annotated[
             int | None,
             typer.Option(
@@ -406,6 +413,7 @@ def register(app: typer.Typer) -> None:
                 "sequential_looks": (0.25, 0.5, 0.75) if sequential else (),
                 "screen": screen,
                 "exact_band": exact_band,
+                "exact_max": exact_max,
                 "units_per_pass": units_per_pass,
                 "memory_budget_mb": memory_budget_mb,
                 "workers": workers,
