@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -105,6 +106,7 @@ def main() -> None:
     parser.add_argument("--option", action="append", default=[], help="NAME=VALUE for Options")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
     import cswap
 
