@@ -99,6 +99,9 @@ def test_module_call_replay_is_exact_and_skips_the_prefix():
     assert np.allclose(fast.relative_effects, oracle, rtol=1e-7, atol=1e-10)
     assert np.allclose(fast.baseline, base, rtol=1e-12)
     assert np.allclose(fast.relative_effects, naive.relative_effects, rtol=1e-9, atol=1e-12)
+    # several units per pass: the replayed outputs are stacked once per unit like the input
+    stacked = causal_effects(model, space, images, labels, batch_size=3, units_per_pass=4)
+    assert np.allclose(stacked.relative_effects, oracle, rtol=1e-7, atol=1e-10)
     assert hook_count(model) == 0
     assert not any("forward" in vars(module) for module in model.modules())
 
