@@ -156,6 +156,12 @@ def test_fit_scale_recovers_per_group_scales(setting):
     assert fit.sd == pytest.approx(math.sqrt(sum(d * d for d in deviations) / (6 - 2)))
     assert fit_scale(space, costs, exact, min_sd=1.0).sd == 1.0
     other = groups[1].unit_ids[0]
+    # a group whose sampled units are all at the noise floor takes the median of the others
+    third = [g for g in space.groups if g.id not in (groups[0].id, groups[1].id)][0]
+    quiet = {unit: 1e-7 for unit in third.unit_ids[:2]}
+    fit = fit_scale(space, costs | quiet, exact | dict.fromkeys(quiet, 3e-14), min_sd=0.0)
+    assert fit.log_scale[third.id] == pytest.approx((first + math.log(0.5)) / 2)
+    assert fit.log_scale[groups[0].id] == pytest.approx(first)
     fitted = EstimateFit({groups[1].id: math.log(0.5)}, 1.0)
     assert fitted.damage(space, {dead: 4.0, other: 4.0}) == {other: pytest.approx(2.0)}
 

@@ -196,17 +196,27 @@ def fit_scale(
 ) -> EstimateFit:
     """The per-group scale of the estimate and its residual sd from exactly scored units. Units
     whose estimate is about 0 or whose exact damage is at float32's noise floor (KL_FLOOR: dead
-    and near-dead units) carry no scale information."""
+    and near-dead units) carry no scale information. A group whose every sampled unit with an
+    estimate is at the floor takes the median of the other groups' scales: its units are then
+    estimated (near 0, they are cut on their estimate) instead of all being scored exactly."""
     residuals: dict[int, list[float]] = {}
+    at_floor: set[int] = set()
     for unit, value in exact.items():
         cost = costs.get(unit)
-        if cost is None or cost <= 1e-30 or value <= KL_FLOOR:
+        if cost is None or cost <= 1e-30:
             continue
-        residuals.setdefault(space.units[unit].group, []).append(math.log(value / cost))
+        group = space.units[unit].group
+        if value <= KL_FLOOR:
+            at_floor.add(group)
+            continue
+        residuals.setdefault(group, []).append(math.log(value / cost))
     log_scale = {group: float(np.mean(values)) for group, values in residuals.items()}
     deviations = [v - log_scale[g] for g, values in residuals.items() for v in values]
     free = len(deviations) - len(log_scale)
     sd = math.sqrt(sum(d * d for d in deviations) / free) if free > 0 else math.inf
+    if log_scale:
+        median = float(np.median(list(log_scale.values())))
+        log_scale |= {group: median for group in at_floor - set(log_scale)}
     return EstimateFit(log_scale=log_scale, sd=max(sd, min_sd))
 
 
