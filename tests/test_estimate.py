@@ -157,7 +157,7 @@ def test_fit_scale_recovers_per_group_scales(setting):
     assert fit_scale(space, costs, exact, min_sd=1.0).sd == 1.0
     other = groups[1].unit_ids[0]
     # a group whose sampled units are all at the noise floor takes the median of the others
-    third = [g for g in space.groups if g.id not in (groups[0].id, groups[1].id)][0]
+    third = next(g for g in space.groups if g.id not in (groups[0].id, groups[1].id))
     quiet = {unit: 1e-7 for unit in third.unit_ids[:2]}
     fit = fit_scale(space, costs | quiet, exact | dict.fromkeys(quiet, 3e-14), min_sd=0.0)
     assert fit.log_scale[third.id] == pytest.approx((first + math.log(0.5)) / 2)
