@@ -195,6 +195,7 @@ def test_label_free_with_many_classes_and_few_images():
         str(int(k)): int(v) for k, v in zip(classes, counts, strict=True)
     }
     assert report["calibration"]["calibration_size"] == len(images)  # none dropped
+    assert report["prefix_reuse"] == "fx graph"  # TinyNet traces
     prepared = session_module.prepare(
         model,
         unlabeled,
@@ -264,6 +265,7 @@ def test_oneshot_lands_on_the_target_within_one_unit(trained_tiny, data, method,
     )
     report = result.report
     assert report["mode"] == "oneshot" and report["method"] == method
+    assert report["prefix_reuse"] == ("fx graph" if method == "cswap" else None)
     assert report["stop_reason"] == "target_reached" and report["steps"] == []
     limit = 0.6 * report["params_before"]
     assert report["params_after"] <= limit

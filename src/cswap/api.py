@@ -47,6 +47,7 @@ from cswap.session import (
     make_ranker,
     measure_compensation,
     oneshot_result,
+    prefix_reuse_path,
     prepare,
     run_progressive,
 )
@@ -499,7 +500,8 @@ def _base_report(prepared: Session, options: Options, model_spec, method, first)
         "method": method,
         "settings": options.to_dict(),
         "calibration": prepared.calibration_info,
-        "prefix_reuse": prepared.prefix_reuse,
+        # only causal scoring reruns suffixes; tracing is not spent on the baselines
+        "prefix_reuse": prefix_reuse_path(prepared, options) if method == "cswap" else None,
         "categories": first.counts() if first is not None else None,
         "category_test": first.config.to_dict() if first is not None else None,
         "units_total": len(prepared.space),

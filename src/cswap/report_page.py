@@ -640,7 +640,7 @@ def _timings_section(report: dict) -> str:
     )
     return f"""<h2>Where the time went</h2>
 <p>Wall time per stage of the run ({report.get("total_seconds")} s in all). Prefix reuse in
-scoring: {e(report.get("prefix_reuse") or "off")}.</p>
+scoring: {e(report.get("prefix_reuse") or "not used (no causal scoring)")}.</p>
 <table><tr><th>stage</th><th>times</th><th>seconds</th></tr>{rows}</table>"""
 
 

@@ -242,7 +242,6 @@ class Session:
     example_input: torch.Tensor
     num_classes: int
     calibration_info: dict
-    prefix_reuse: str = "off"  # how scoring reuses prefixes: "fx graph", "module calls", "off"
 
     def validator(self, compensation: Compensation | None):
         """``validate(units) -> Validation``: the masked model (with ``compensation``) against
@@ -372,7 +371,6 @@ def prepare(
         example_input=example.cpu(),
         num_classes=num_classes,
         calibration_info=info,
-        prefix_reuse=_prefix_path(working, space, example.to(device), options),
     )
 
 
@@ -769,12 +767,13 @@ def run_progressive(
         )
 
 
-def _prefix_path(model: nn.Module, space: UnitSpace, example: torch.Tensor, options) -> str:
-    """The prefix reuse scoring will take on this model (recorded in the report)."""
+def prefix_reuse_path(session: Session, options: Options) -> str:
+    """The prefix reuse causal scoring takes on this session's model (for the report)."""
     if not options.prefix_reuse:
         return "off"
-    consumers = {target.layer for unit in space.units for target in unit.targets}
-    return prefix_path(model, consumers, example[:1])
+    consumers = {target.layer for unit in session.space.units for target in unit.targets}
+    device = next(session.model.parameters()).device
+    return prefix_path(session.model, consumers, session.example_input[:1].to(device))
 
 
 def _verified_units(model: nn.Module, example: torch.Tensor, options: Options) -> UnitSpace:

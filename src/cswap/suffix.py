@@ -149,12 +149,15 @@ class _Call:
 
 
 class _CallRecorder:
-    """Hooks on every submodule that record one forward pass's call tree (start/end order)."""
+    """Hooks that record one forward pass's calls of ``names`` (default: every module) as a tree
+    in start/end order, and their tensor outputs (a copy for the names in ``copy``)."""
 
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
+    def __init__(self, model: nn.Module, names=None, copy: set[str] = frozenset()) -> None:
+        self.modules = dict(model.named_modules())
+        self.names = set(self.modules) if names is None else set(names)
+        self.copy = copy
         self.calls: list[_Call] = []
-        self._outputs: list[tuple[str, torch.Tensor, int]] = []
+        self.outputs: dict[str, list[tuple[torch.Tensor, int]]] = {}
         self._stack: list[_Call] = []
         self._clock = 0
         self._handles = []
@@ -175,18 +178,24 @@ class _CallRecorder:
         call.end = self._tick()
         call.tensor_output = isinstance(output, torch.Tensor)
         if call.tensor_output:
-            self._outputs.append((call.name, output, output._version))
+            kept = output.clone() if call.name in self.copy else output
+            self.outputs.setdefault(call.name, []).append((kept, kept._version))
 
     def changed_in_place(self) -> set[str]:
         """Modules whose output the forward code changed in place after they returned."""
-        return {name for name, output, version in self._outputs if output._version != version}
+        return {
+            name
+            for name, values in self.outputs.items()
+            if any(value._version != version for value, version in values)
+        }
 
     def _tick(self) -> int:
         self._clock += 1
         return self._clock
 
     def __enter__(self):
-        for name, module in self.model.named_modules():
+        for name in self.names:
+            module = self.modules[name]
             self._handles.append(module.register_forward_pre_hook(self._enter(name)))
             self._handles.append(module.register_forward_hook(self._leave))
         return self
@@ -241,7 +250,6 @@ class ModuleCallRunner:
                 self.plans[layer] = _replay_plan(first[layer], once)
         self._kept = sorted({name for plan in self.plans.values() for name in plan})
         self._in_place = recorder.changed_in_place()
-        recorder._outputs.clear()
 
     def supports(self, layer: str) -> bool:
         return layer in self.cut_index
@@ -249,53 +257,31 @@ class ModuleCallRunner:
     def full(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, dict]]:
         """The model's output on ``images`` and, per cut, the outputs its replay needs (only
         the input when this batch's call order does not allow a replay)."""
-        outputs: dict[str, tuple[torch.Tensor, int]] = {}
-        order: dict[str, list[list[int]]] = {}
-        clock = [0]
-
-        def tick() -> int:
-            clock[0] += 1
-            return clock[0]
-
-        def enter(name):
-            return lambda _module, _inputs: order.setdefault(name, []).append([tick(), -1])
-
-        def leave(name):
-            def hook(_module, _inputs, output):
-                order[name][-1][1] = tick()
-                if isinstance(output, torch.Tensor):
-                    kept = output.clone() if name in self._in_place else output
-                    outputs[name] = (kept, kept._version)
-
-            return hook
-
-        handles = []
-        try:
-            for name in {*self._kept, *self.cut_index}:
-                module = self.modules[name]
-                handles.append(module.register_forward_pre_hook(enter(name)))
-                handles.append(module.register_forward_hook(leave(name)))
+        names = {*self._kept, *self.cut_index}
+        with _CallRecorder(self.model, names, copy=self._in_place) as recorder:
             logits = self.model(images)
-        finally:
-            for handle in handles:
-                handle.remove()
         # an output the forward code later changed in place is not what the module returned:
         # from now on it is kept (and replayed) as a copy; this batch does without it
-        changed = {name for name, (value, version) in outputs.items() if value._version != version}
+        changed = recorder.changed_in_place()
         self._in_place |= changed
-        kept = {name: value for name, (value, _) in outputs.items() if name not in changed}
-        caches = {layer: self._cache(layer, images, kept, order) for layer in self.cut_index}
+        calls: dict[str, list[_Call]] = {}
+        for call in recorder.calls:
+            calls.setdefault(call.name, []).append(call)
+        kept = {
+            name: values[-1][0] for name, values in recorder.outputs.items() if name not in changed
+        }
+        caches = {layer: self._cache(layer, images, kept, calls) for layer in self.cut_index}
         return logits, caches
 
-    def _cache(self, layer, images, outputs, order) -> dict:
+    def _cache(self, layer, images, outputs, calls) -> dict:
         cache = {"": images}
-        calls = order.get(layer, [])
-        if len(calls) != 1:
+        if len(calls.get(layer, [])) != 1:
             return cache
-        start = calls[0][0]
+        start = calls[layer][0].start
         plan = self.plans[layer]
         if all(
-            name in outputs and len(order[name]) == 1 and order[name][0][1] < start for name in plan
+            name in outputs and len(calls[name]) == 1 and calls[name][0].end < start
+            for name in plan
         ):
             cache.update({name: outputs[name] for name in plan})
         return cache
