@@ -435,8 +435,16 @@ def test_a_dependency_torch_pruning_cannot_follow_is_one_clear_error():
 def test_band_options_out_of_range_are_one_clear_error():
     from cswap.session import make_options
 
-    for bad in ({"exact_band": -1.0}, {"exact_band": float("inf")}, {"exact_max": -5}):
+    bad_values = (
+        {"exact_band": -1.0},
+        {"exact_band": float("inf")},
+        {"exact_max": -5},
+        {"sample_fraction": 1.0},
+        {"sample_fraction": -0.1},
+    )
+    for bad in bad_values:
         with pytest.raises(CswapError) as raised:
             make_options(bad)
         assert next(iter(bad)) in str(raised.value)
     assert make_options({"exact_max": 300}).exact_max == 300
+    assert make_options({"sample_fraction": 0.0}).band_config().sample_fraction == 0.0

@@ -22,6 +22,8 @@ from cswap.estimate import (
     fit_scale,
     output_sensitivity,
     reconstruction_costs,
+    sample_spread,
+    split_samples,
 )
 from cswap.scoring import causal_effects
 from test_lstsq_scoring import RIDGE, _rows, make_setting
@@ -184,9 +186,9 @@ def test_exact_band_covers_the_cut_and_its_margin():
     assert exact_band(estimated, per_cost, params, 10.0, 3.0) == {5, 1, 2, 3}
 
 
-def _banded(setting, z, horizon):
+def _banded(setting, z, horizon, **band):
     model, space, images, labels, lstsq, _ = setting
-    score = functools.partial(causal_effects, model, space, images, labels, compensation=lstsq)
+    score = functools.partial(causal_effects, model, space, compensation=lstsq)
     return banded_categorization(
         score,
         model,
@@ -194,9 +196,10 @@ def _banded(setting, z, horizon):
         lstsq,
         (),
         images=images,
+        labels=labels,
         horizon=horizon,
         cost_kind="params",
-        band=BandConfig(z=z, per_group=2),
+        band=BandConfig(z=z, per_group=2, **band),
         category_config=CategoryConfig(min_class_size=5),
     )
 
@@ -221,3 +224,62 @@ def test_banded_round_scores_exactly_near_the_cut_and_estimates_the_rest(setting
             assert c.xi[i] == full.xi[row[unit]] and c.kl[i] == full.kl[row[unit]]
             assert c.categories[i] == full.categories[row[unit]]
     assert c.counts()[ESTIMATED] == narrow.estimated
+
+
+def test_two_stage_band_equals_one_pass_scoring_or_the_subsample_mean(setting):
+    """Units kept to the second stage carry exactly the effects of one pass over every image;
+    units decided on the first stage carry the mean KL of exactly the first stage's images."""
+    model, space, images, labels, lstsq, _ = setting
+    exact = causal_effects(model, space, images, labels, compensation=lstsq)
+    full = categorize(exact, CategoryConfig(min_class_size=5))
+    row = {int(u): i for i, u in enumerate(full.unit_ids)}
+    band = dict(sample_fraction=0.3, min_samples=4, min_relative_se=0.01)
+    first_rows = split_samples(labels.numpy(), BandConfig(**band))
+    assert first_rows is not None and len(first_rows) == 9  # ceil(0.3 * 30)
+    two = _banded(setting, z=2.0, horizon=0.5 * space.params_total, **band)
+    one = _banded(setting, z=2.0, horizon=0.5 * space.params_total, sample_fraction=0.0)
+    c = two.categorization
+    assert two.sampled and two.exact + two.estimated == len(space)
+    categories = dict(zip(c.unit_ids.tolist(), c.categories, strict=True))
+    assert all(categories[u] == ESTIMATED for u in two.sampled)
+    fully = {u for u, k in categories.items() if k != ESTIMATED}
+    assert fully and len(fully) < one.exact  # the second stage kept only some units
+    ratios: dict[int, set[float]] = {}
+    for i, unit in enumerate(c.unit_ids.tolist()):
+        if unit in two.sampled:
+            mean = exact.kl[row[unit], first_rows].mean()
+            assert c.kl[i] == pytest.approx(mean, rel=1e-9) and math.isnan(c.xi[i])
+        elif unit in fully:
+            assert c.xi[i] == pytest.approx(full.xi[row[unit]], rel=1e-9, abs=1e-15)
+            assert c.kl[i] == pytest.approx(full.kl[row[unit]], rel=1e-9, abs=1e-15)
+            assert c.categories[i] == full.categories[row[unit]]
+        elif one.categorization.categories[i] == ESTIMATED:  # the estimate, scaled per group
+            ratio = round(float(c.kl[i] / one.categorization.kl[i]), 9)
+            ratios.setdefault(space.units[unit].group, set()).add(ratio)
+    assert ratios and all(len(values) == 1 for values in ratios.values())
+    # every unit scored went through the first stage; the fully scored ones the second too
+    share = len(first_rows) / len(labels)
+    assert two.passes == pytest.approx(len(fully) + len(two.sampled) * share)
+
+
+def test_split_samples_keeps_each_labels_share_and_is_seeded():
+    labels = np.repeat(np.arange(4), [40, 40, 12, 8])
+    config = BandConfig(sample_fraction=0.25, min_samples=8)
+    rows = split_samples(labels, config, seed=3)
+    assert len(rows) == 25 and list(rows) == sorted(set(rows.tolist()))
+    counts = np.bincount(labels[rows], minlength=4)
+    assert all(abs(counts[k] - 0.25 * n) <= 1 for k, n in enumerate((40, 40, 12, 8)))
+    assert np.array_equal(rows, split_samples(labels, config, seed=3))
+    assert not np.array_equal(rows, split_samples(labels, config, seed=4))
+    assert split_samples(labels, BandConfig(sample_fraction=0.25, min_samples=60)) is None
+    assert split_samples(labels, BandConfig(sample_fraction=0.0)) is None
+
+
+def test_sample_spread_is_the_relative_standard_error_of_the_subsample_mean():
+    kl = np.array([[1.0, 2.0, 3.0, 6.0], [0.0, 0.0, 0.0, 0.0], [5.0, 5.0, 5.0, 5.0]])
+    config = BandConfig(z=2.0, min_relative_se=0.1)
+    spread = sample_spread(kl, total=16, config=config)
+    error = np.std([1, 2, 3, 6], ddof=1) / 2 * math.sqrt(1 - 4 / 16)
+    assert spread[0] == pytest.approx(math.exp(2.0 * error / 3.0))
+    assert spread[1] == pytest.approx(math.exp(0.2))  # no change on any image: the floor
+    assert spread[2] == pytest.approx(math.exp(0.2))  # no spread: the floor

@@ -38,7 +38,7 @@ def ranker(order=None, calls=None):
 
 
 def validator(bad=frozenset(), cost=0.01):
-    def validate(removed):
+    def validate(removed, threshold=None):
         return Validation(0.9 - cost * len(set(removed) & bad), 0.001, 1000)
 
     return validate
@@ -115,7 +115,7 @@ def test_the_progressive_run_ends_at_least_as_far_as_its_oneshot_cut():
     """Validation that rejects every partial removal between 10% and 60% (as noise near the
     tolerance can): chunk by chunk the loop stalls, but the one-shot cut to 70% passes."""
 
-    def validate(removed):
+    def validate(removed, threshold=None):
         params = SPACE.params_after(removed)
         stalled = 0.4 * SPACE.params_total < params < 0.9 * SPACE.params_total
         return Validation(0.5 if stalled else 0.9, 0.001, 1000)
@@ -133,7 +133,7 @@ def test_a_failing_oneshot_cut_backs_off_along_the_ranking_by_bisection():
     order = [u.id for u in SPACE.units]
     limit = 0.5 * SPACE.params_total  # the ranking is fine until half of the params are gone
 
-    def validate(removed):
+    def validate(removed, threshold=None):
         return Validation(0.5 if SPACE.params_after(removed) < limit else 0.9, 0.001, 1000)
 
     config = ScheduleConfig(target_params=0.8, patience=1, initial_chunk=0.01)
@@ -237,7 +237,7 @@ def test_always_terminates_without_the_safety_net(seed):
     rng.shuffle(order)  # big and small units interleaved: halving params alone could stall
     bad = frozenset(rng.sample(order, len(order) // 3))
 
-    def validate(removed):
+    def validate(removed, threshold=None):
         return Validation(0.5 if set(removed) & bad else 0.9, 0.001, 1000)
 
     config = ScheduleConfig(target_params=0.9, patience=1000, max_steps=2000)
@@ -274,7 +274,7 @@ def _flipping_ranker(calls, validations):
 def test_the_start_rescores_along_its_cut_before_validating():
     calls, validations = [], []
 
-    def validate(removed):
+    def validate(removed, threshold=None):
         validations.append(removed)
         return Validation(0.9, 0.001, 1000)
 
@@ -300,7 +300,7 @@ def test_the_plain_oneshot_cut_is_the_fallback_when_the_rescored_cut_fails():
     plain, _ = oneshot(SPACE, config, natural)
     bad = {u.id for u in SPACE.units} - set(plain)
 
-    def validate(removed):
+    def validate(removed, threshold=None):
         validations.append(removed)
         return Validation(0.5 if set(removed) & bad else 0.9, 0.001, 1000)
 

@@ -265,7 +265,9 @@ def prune(
     )
     space = prepared.space
 
-    validate = prepared.validator(compensation)
+    validate = prepared.validator(
+        compensation, prefix_reuse=opts.prefix_reuse, budget_mb=opts.memory_budget_mb
+    )
     cost_kind = "macs" if target_params is None else "params"
     shard_dir = Path(checkpoint_dir) / SHARDS if checkpoint_dir is not None else None
     if shard_dir is not None and not resume:  # shards of an earlier run must not be reused

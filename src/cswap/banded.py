@@ -2,10 +2,14 @@
 
 1. Estimate every remaining unit's damage from its consumers' refits (no pass over the data).
 2. Score exactly a few units per group, spread over the group's estimates, and the units that
-   have no estimate; fit the estimate's per-group scale and its error to them.
+   have no estimate; fit the estimate's per-group scale and its error to them (their means on
+   the first stage's subsample, see 3).
 3. Score exactly every unit whose estimated damage per cost is within exp(z * sd) of where the
-   next ``horizon`` of the parameters ends; the rest keep the scaled estimate.
-4. Categorize the exactly scored units (the paper's test, unchanged) and add the others with
+   next ``horizon`` of the parameters ends; the rest keep the scaled estimate. Exactly, in two
+   stages: first on a stratified subsample of the images; a unit whose subsample mean is more
+   than z of its standard errors from the (re-placed) edge keeps that mean; the others are
+   scored on the remaining images too, which makes their effects those of one full pass.
+4. Categorize the fully scored units (the paper's test, unchanged) and add the others with
    category ``estimated``.
 
 Falls back to scoring every unit exactly when no unit has an estimate (no lstsq refit).
@@ -13,6 +17,7 @@ Falls back to scoring every unit exactly when no unit has an estimate (no lstsq 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,9 +35,12 @@ from cswap.estimate import (
     fit_scale,
     output_sensitivity,
     reconstruction_costs,
+    sample_spread,
+    split_samples,
 )
 from cswap.intervene import removed as intervention
-from cswap.scoring import CausalEffects, join_effects, remaining_units
+from cswap.scoring import CausalEffects, join_effects, join_samples, remaining_units
+from cswap.timings import stage
 from cswap.units import UnitSpace
 
 Score = Callable[..., CausalEffects]  # causal_effects or a Ray backend's, with units=
@@ -44,6 +52,8 @@ class BandedRound:
     exact: int  # units scored exactly
     estimated: int
     sd: float  # residual sd of the estimate (log scale); nan when not banded
+    sampled: tuple[int, ...] = ()  # estimated units decided on a subsample of the images
+    passes: float = math.nan  # exact passes spent, in units scored on every image
 
 
 def banded_categorization(
@@ -54,50 +64,129 @@ def banded_categorization(
     already_removed: Sequence[int],
     *,
     images: torch.Tensor,
+    labels: torch.Tensor,
     horizon: float,
     cost_kind: str,
     band: BandConfig,
     category_config: CategoryConfig,
     device: str = "cpu",
+    seed: int = 0,
     progress: Callable[[float], None] | None = None,
 ) -> BandedRound:
     """The round's categorization with exact scoring inside the band only; ``horizon``: the
-    parameters (absolute) the schedule cuts before it ranks again; ``score(units=...)`` scores
-    exactly (its model, data and scoring options bound by the caller); ``images``: the
-    calibration images (for the output sensitivity)."""
+    parameters (absolute) the schedule cuts before it ranks again; ``score(units=..., images=...,
+    labels=...)`` scores exactly (its model and scoring options bound by the caller);
+    ``images``, ``labels``: the calibration data."""
     removed = sorted(set(already_removed))
     units = remaining_units(space, removed)
     if compensation is not None:
         compensation = compensation.with_base(model, space, removed)
     costs = _estimates(model, space, compensation, removed, units, images, device)
     if not costs:
-        effects = score(units=units, progress=progress)
-        return BandedRound(categorize(effects, category_config), len(units), 0, math.nan)
+        effects = score(units=units, images=images, labels=labels, progress=progress)
+        categorization = categorize(effects, category_config)
+        return BandedRound(categorization, len(units), 0, math.nan, passes=len(units))
     first_units = sorted(set(calibration_sample(space, costs, band.per_group)))
-    first_units += [u for u in units if u not in costs]
-    first = score(units=sorted(first_units), progress=progress)
-    exact = dict(zip(first.unit_ids.tolist(), first.kl.mean(axis=1).tolist(), strict=True))
-    fit = fit_scale(space, costs, exact, band.min_sd)
+    first_units = sorted(first_units + [u for u in units if u not in costs])
+    stages = _Stages(score, images, labels, band, seed, progress)
+    first = stages.first(first_units)  # on the subsample when there are two stages
+    sampled_first = dict(zip(first.unit_ids.tolist(), first.kl.mean(axis=1).tolist(), strict=True))
+    fit = fit_scale(space, costs, sampled_first, band.min_sd)
     estimated = fit.damage(space, costs)
-    values = estimated | exact
-    inside = exact_band(
-        values,
-        space.savings(removed, cost_kind),
-        space.savings(removed, "params"),
-        horizon,
-        math.exp(band.z * fit.sd),
-        band.max_exact,
+    edge = _Edge(space, removed, cost_kind, horizon)
+    inside = edge.band(estimated | sampled_first, math.exp(band.z * fit.sd), band.max_exact)
+    rest = sorted(
+        u for u in units if u not in sampled_first and (u in inside or u not in estimated)
     )
-    rest = sorted(u for u in units if u not in exact and (u in inside or u not in values))
-    parts = [first] + ([score(units=rest, progress=progress)] if rest else [])
-    effects = join_effects(parts)
+    partial = join_effects([first, stages.first(rest)] if rest else [first])
+    effects, sampled = stages.second(partial, estimated, edge)
     effects = effects.subset(np.argsort(effects.unit_ids, kind="stable"))  # in unit order
     scored = set(effects.unit_ids.tolist())
-    guesses = {u: estimated[u] for u in units if u not in scored}
-    if progress is not None and guesses:
-        progress(len(guesses))
+    guesses = {u: sampled.get(u, estimated.get(u)) for u in units if u not in scored}
+    if progress is not None:
+        progress(len(guesses) - len(sampled))  # the sampled units were counted by stages
     categorization = with_estimates(categorize(effects, category_config), guesses)
-    return BandedRound(categorization, len(scored), len(guesses), fit.sd)
+    return BandedRound(
+        categorization, len(scored), len(guesses), fit.sd, tuple(sorted(sampled)), stages.passes
+    )
+
+
+@dataclass(frozen=True)
+class _Edge:
+    """Where the next cut ends, for the band of a set of damage values."""
+
+    space: UnitSpace
+    removed: list[int]
+    cost_kind: str
+    horizon: float
+
+    def band(self, values: dict[int, float], spread, limit: int = 0) -> set[int]:
+        return exact_band(
+            values,
+            self.space.savings(self.removed, self.cost_kind),
+            self.space.savings(self.removed, "params"),
+            self.horizon,
+            spread,
+            limit,
+        )
+
+
+class _Stages:
+    """Exact scoring in two stages when the calibration set allows (BandConfig.sample_fraction):
+    every unit on a subsample of the images first; the second stage scores on the other images
+    only the units whose place relative to the edge the subsample did not settle. With one stage
+    the first is every image and there is no second. ``passes``: spent so far, in units scored
+    on every image."""
+
+    def __init__(self, score, images, labels, band, seed, progress) -> None:
+        self.score, self.images, self.labels, self.band = score, images, labels, band
+        self.progress = progress
+        self.rows = split_samples(labels.numpy(), band, seed)
+        self.share = 1.0 if self.rows is None else len(self.rows) / len(labels)
+        self.passes = 0.0
+
+    def first(self, units: Sequence[int]) -> CausalEffects:
+        self.passes += len(units) * self.share
+        return self._on(units, self.rows, self.share)
+
+    def second(self, partial: CausalEffects, values, edge) -> tuple[CausalEffects, dict]:
+        """(effects of the units scored on every image, {unit: subsample mean KL} of the units
+        decided on the subsample); ``values``: the other units' damage, which places the edge
+        with the subsample means."""
+        if self.rows is None:
+            return partial, {}
+        means = partial.kl.mean(axis=1).tolist()
+        ids = partial.unit_ids.tolist()
+        spreads = sample_spread(partial.kl, len(self.labels), self.band).tolist()
+        spread = dict(zip(ids, spreads, strict=True))
+        inside = edge.band(values | dict(zip(ids, means, strict=True)), spread)
+        kept = [row for row, unit in enumerate(ids) if unit in inside]
+        sampled = {u: m for u, m in zip(ids, means, strict=True) if u not in inside}
+        if self.progress is not None:
+            self.progress(len(sampled) * (1 - self.share))
+        self.passes += len(kept) * (1 - self.share)
+        if not kept:
+            return partial.subset(np.array([], dtype=np.int64)), sampled
+        other = np.setdiff1d(np.arange(len(self.labels)), self.rows)
+        second = self._on([ids[row] for row in kept], other, 1 - self.share)
+        return join_samples([(second, other), (partial, self.rows)]), sampled
+
+    def _on(self, units, rows, share) -> CausalEffects:
+        """Exact effects of ``units`` on the calibration ``rows`` (None: all of them)."""
+        progress = self.progress
+        if progress is not None and share < 1:
+            progress = functools.partial(_scaled, progress, share)
+        if rows is None:
+            images, labels = self.images, self.labels
+            return self.score(units=units, images=images, labels=labels, progress=progress)
+        picked = torch.as_tensor(rows)
+        return self.score(
+            units=units, images=self.images[picked], labels=self.labels[picked], progress=progress
+        )
+
+
+def _scaled(progress: Callable[[float], None], share: float, amount: float) -> None:
+    progress(amount * share)
 
 
 def _estimates(model, space, compensation, removed, units, images, device) -> dict[int, float]:
@@ -109,7 +198,7 @@ def _estimates(model, space, compensation, removed, units, images, device) -> di
     was_training = model.training
     model.eval()
     try:
-        with intervention(model, space, removed, compensation):
+        with stage("output sensitivity"), intervention(model, space, removed, compensation):
             sensitivity = output_sensitivity(model, layers, images, device=device)
     finally:
         model.train(was_training)

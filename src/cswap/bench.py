@@ -602,6 +602,7 @@ class Lever:
     early_share: float = 0.0  # alpha spent at the looks on critical verdicts
     screen: bool = False  # first-order screening
     band: bool = False  # exact scoring only near the cut (cswap.banded)
+    sample_fraction: float = 0.25  # with band: its units on this share of the images first
 
 
 SPEED_LEVERS = {
@@ -613,6 +614,7 @@ SPEED_LEVERS = {
     "screening": Lever(screen=True),
     "band": Lever(band=True),
     "all": Lever(prefix=True, per_pass=None, looks=LOOKS, screen=True),
+    "onestage": Lever(prefix=True, per_pass=None, band=True, sample_fraction=0.0),
     "default": Lever(prefix=True, per_pass=None, band=True),  # what cswap prune does
 }
 
@@ -750,7 +752,7 @@ def _lever_round(prepared, compensation, lever: Lever, seed, batch_size, memory_
     data = (prepared.model, prepared.space, prepared.calibration_images)
     config = Options().category_config()
     if lever.band:
-        score = functools.partial(causal_effects, *data, prepared.calibration_labels, **scoring)
+        score = functools.partial(causal_effects, *data[:2], **scoring)
         banded = banded_categorization(
             score,
             prepared.model,
@@ -758,19 +760,21 @@ def _lever_round(prepared, compensation, lever: Lever, seed, batch_size, memory_
             compensation,
             (),
             images=prepared.calibration_images,
+            labels=prepared.calibration_labels,
             device=prepared.device,
             horizon=max(SPEED_CUTS) * prepared.space.params_total,
             cost_kind="params",
-            band=BandConfig(),
+            band=BandConfig(sample_fraction=lever.sample_fraction),
             category_config=config,
+            seed=seed,
         )
-        fraction = banded.exact / len(prepared.space)
         return {
             "categorization": banded.categorization,
-            "exact_pass_fraction": round(fraction, 4),
+            "exact_pass_fraction": round(banded.passes / len(prepared.space), 4),
             "settled_early": 0,
             "screened": 0,
             "estimated": banded.estimated,
+            "sampled": len(banded.sampled),
         }
     result = fast_categorize(
         *data,

@@ -126,6 +126,7 @@ class Checkpoint:
                 paired_se=s["paired_se"],
                 rescored_after=s["rescored_after"],
                 probe=s.get("probe", False),
+                stopped_early=s.get("stopped_early", False),
             )
             for s in raw["steps"]
         )

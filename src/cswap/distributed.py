@@ -73,9 +73,19 @@ def shards(units: Sequence[int], workers: int, per_worker: int) -> list[tuple[in
     return [tuple(ordered[i : i + size]) for i in range(0, len(ordered), size)]
 
 
-def shard_key(already: Sequence[int], units: Sequence[int]) -> str:
-    text = f"{sorted(already)}|{list(units)}"
+def shard_key(already: Sequence[int], units: Sequence[int], images: str = "") -> str:
+    """The name of a shard's stored result: the removal it starts from, its units and the
+    images it is scored on (``samples_key``; a round can score on subsets of the images)."""
+    text = f"{sorted(already)}|{list(units)}|{images}"
     return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+def samples_key(images: torch.Tensor, labels: torch.Tensor) -> str:
+    """A digest of the images and labels a shard is scored on."""
+    digest = hashlib.sha1(str(tuple(images.shape)).encode())
+    for tensor in (images, labels):
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 class _Worker:
@@ -205,7 +215,8 @@ class RayScoring:
         if units is None:
             units = remaining_units(space, already)
         pieces = shards(units, self.config.workers, self.config.shards_per_worker)
-        keys = [shard_key(already, piece) for piece in pieces]
+        data = samples_key(images, labels)
+        keys = [shard_key(already, piece, data) for piece in pieces]
         done = {key: self._load(key) for key in keys}
         done = {key: value for key, value in done.items() if value is not None}
         for key, piece in zip(keys, pieces, strict=True):

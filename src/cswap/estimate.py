@@ -45,16 +45,27 @@ class BandConfig:
     units per group scored exactly to fit the estimate's scale; ``min_sd``: a floor on that sd
     (a few units per group can agree by chance); ``max_exact``: at most this many units scored
     exactly inside the band per round, the closest to the edge first (0: no cap), for models
-    whose band holds more units than the time allows."""
+    whose band holds more units than the time allows.
+
+    Two stages inside the band (``sample_fraction`` > 0): the band's units are first scored
+    exactly on a stratified ``sample_fraction`` of the calibration images (at least
+    ``min_samples`` of them); a unit whose subsample mean KL per cost lies more than ``z``
+    standard errors of that mean (log scale, relative error floored at ``min_relative_se``)
+    from the edge is decided on that mean; only the rest are scored on the other images too."""
 
     z: float = 2.0
     per_group: int = 4
     min_sd: float = 0.25
     max_exact: int = 0
+    sample_fraction: float = 0.25
+    min_samples: int = 32
+    min_relative_se: float = 0.1
 
     def __post_init__(self) -> None:
         if self.z <= 0 or self.per_group < 2 or self.min_sd < 0 or self.max_exact < 0:
             raise ValueError("band needs z > 0, per_group >= 2, min_sd >= 0 and max_exact >= 0.")
+        if not 0 <= self.sample_fraction < 1 or self.min_samples < 2:
+            raise ValueError("band needs 0 <= sample_fraction < 1 and min_samples >= 2.")
 
 
 @dataclass(frozen=True)
@@ -225,25 +236,33 @@ def exact_band(
     per_cost: dict[int, float],
     params: dict[int, float],
     horizon: float,
-    spread: float,
+    spread: float | dict[int, float],
     limit: int = 0,
 ) -> set[int]:
     """Units whose estimated damage per cost lies within a factor ``spread`` (exp(z * sd)) of
     the point where the cheapest ``horizon`` parameters (by ``params``, what each unit's removal
     saves) end, in the order of the estimate divided by ``per_cost``: on either side, so a unit
     far below the edge is cut on its estimate. Every unit when the horizon is not reached.
-    ``limit`` > 0: only that many, the closest to the edge (by the ratio of keys)."""
+    ``spread`` per unit (a dict): only the units it names can be inside, each with its own
+    factor; the others still place the edge. ``limit`` > 0: only that many, the closest to the
+    edge (by the ratio of keys)."""
     keys = {u: (v / per_cost[u] if per_cost[u] > 0 else math.inf) for u, v in estimated.items()}
     order = sorted(keys, key=lambda u: (keys[u], u))
+    factor = spread.get if isinstance(spread, dict) else (lambda _u: spread)
     total = 0.0
     for unit in order:
         total += params[unit]
         if total >= horizon:
             edge = keys[unit]
-            inside = [u for u in order if edge / spread <= keys[u] <= edge * spread]
+            inside = [
+                u
+                for u in order
+                if factor(u) is not None and edge / factor(u) <= keys[u] <= edge * factor(u)
+            ]
             break
     else:
-        edge, inside = math.inf, order
+        edge = math.inf
+        inside = [u for u in order if factor(u) is not None]
     if 0 < limit < len(inside):
         tiny = 1e-300  # keys of dead units are 0
 
@@ -254,3 +273,31 @@ def exact_band(
 
         inside = sorted(inside, key=lambda u: (distance(u), u))[:limit]
     return set(inside)
+
+
+def split_samples(labels: np.ndarray, config: BandConfig, seed: int = 0) -> np.ndarray | None:
+    """The calibration rows of the first stage (sorted): a seeded systematic sample of the
+    images ordered by label, so every label keeps its share (``config.sample_fraction``, at least
+    ``config.min_samples`` images); None when that is half the images or more (two stages would
+    not save)."""
+    count = len(labels)
+    size = max(config.min_samples, math.ceil(config.sample_fraction * count))
+    if config.sample_fraction <= 0 or 2 * size > count:
+        return None
+    rng = np.random.default_rng(seed)
+    order = np.lexsort((rng.random(count), labels))  # by label, random within a label
+    step = count / size
+    picks = np.floor(rng.random() * step + step * np.arange(size)).astype(int)
+    return np.sort(order[np.minimum(picks, count - 1)])
+
+
+def sample_spread(kl: np.ndarray, total: int, config: BandConfig) -> np.ndarray:
+    """Per row of ``kl`` (units x subsample of ``total`` images): exp(z * relative
+    standard error of the subsample mean as an estimate of the mean over all ``total`` images),
+    the finite-population correction included and the relative error floored."""
+    size = kl.shape[1]
+    mean = kl.mean(axis=1)
+    error = kl.std(axis=1, ddof=1) / math.sqrt(size) * math.sqrt(1 - size / total)
+    relative = np.where(mean > 0, error / np.maximum(mean, 1e-300), np.inf)
+    relative = np.where((mean <= 0) & (error <= 0), 0.0, relative)  # no change on any image
+    return np.exp(config.z * np.maximum(relative, config.min_relative_se))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -13,6 +14,7 @@ from cswap.compensation import Compensation
 from cswap.intervene import removed
 from cswap.measure import count_macs, count_params, measure_latency, predict
 from cswap.schedule import Validation
+from cswap.suffix import try_suffix_runner
 from cswap.units import UnitSpace
 
 
@@ -87,21 +89,130 @@ def masked_validation(
     model: nn.Module,
     space: UnitSpace,
     units: Sequence[int],
-    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
     reference_predictions: torch.Tensor,
     *,
     device: str = "cpu",
     compensation: Compensation | None = None,
+    threshold: float | None = None,
+    prefix: ValidationPrefix | None = None,
 ) -> Validation:
-    """Validation accuracy of ``model`` with ``units`` removed (masked), and its paired noise."""
-    with removed(model, space, units, compensation):
-        predictions, labels = predict(model, batches, device)
-    accuracy = float((predictions == labels).float().mean())
+    """Validation accuracy of ``model`` with ``units`` removed (masked), and its paired noise.
+
+    ``threshold``: stop after the first batch from which the accuracy can no longer reach it
+    even if every remaining image comes out right (the verdict is the full validation's; the
+    accuracy is then that bound, ``complete`` False). ``prefix``: reuse the accepted model's
+    activations before the layers the step changes (``ValidationPrefix``; exact)."""
+    total = sum(len(labels) for _, labels in batches)
+    correct, seen, predictions = 0, 0, []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), removed(model, space, units, compensation):
+            step = prefix.step(units) if prefix is not None else None
+            for index, (images, labels) in enumerate(batches):
+                logits = model(images.to(device)) if step is None else step(index, images)
+                predictions.append(logits.argmax(dim=1).cpu())
+                correct += int((predictions[-1] == torch.as_tensor(labels).cpu()).sum())
+                seen += len(labels)
+                if threshold is not None and (correct + total - seen) / total < threshold:
+                    break
+    finally:
+        model.train(was_training)
+    predicted = torch.cat(predictions)
+    labels = torch.cat([torch.as_tensor(labels).cpu() for _, labels in batches])[:seen]
     return Validation(
-        accuracy=accuracy,
-        paired_se=paired_standard_error(reference_predictions, predictions, labels),
-        images=len(labels),
+        accuracy=(correct + total - seen) / total,
+        paired_se=paired_standard_error(reference_predictions[:seen], predicted, labels),
+        images=seen,
+        complete=seen == total,
     )
+
+
+class ValidationPrefix:
+    """The validation images' activations before one cut layer, kept from a step's own full
+    passes and reused by later steps that change nothing before that layer.
+
+    A step's masked model computes the same values as any other removal up to a layer L when
+    both remove the same units among those consumed before L (their refits and masks sit before
+    L; everything else acts from L on). So an entry is (L, those units, per-batch caches), and
+    a step may run from L when its own units consumed before L are exactly those. A new entry is
+    placed at the shallowest layer the step changes relative to the last step that passed (the
+    accepted model, as the schedule accepts it), so the next trials from that model hit it; an
+    entry built from an earlier accepted model gives way to a deeper one.
+    Entries larger than ``budget_mb`` are not kept."""
+
+    def __init__(self, model, space, batches, *, budget_mb: float = 1024.0) -> None:
+        layers = {target.layer for unit in space.units for target in unit.targets}
+        self.runner = try_suffix_runner(model, layers, batches[0][0][:1]) if batches else None
+        self.space, self.budget = space, budget_mb * 2**20
+        self.first = {unit.id: self._first(unit) for unit in space.units}
+        self.accepted: tuple[int, ...] = ()
+        self.entry: _Entry | None = None
+        self.hits = 0  # batches run from a cached cut
+
+    def _first(self, unit) -> int:
+        """Position of the unit's first consumer in the runner's order (-1: not a cut)."""
+        if self.runner is None or not unit.targets:
+            return -1
+        if not all(self.runner.supports(t.layer) for t in unit.targets):
+            return -1
+        return min(self.runner.cut_index[t.layer] for t in unit.targets)
+
+    def _before(self, units, layer: str) -> frozenset[int]:
+        cut = self.runner.cut_index[layer]
+        return frozenset(u for u in units if self.first[u] < cut)
+
+    def step(self, units: Sequence[int]):
+        """``run(index, images) -> logits`` for this step's masked model (masks applied by the
+        caller), or None when the prefix cannot be reused."""
+        if self.runner is None:
+            return None
+        changed = set(units) ^ set(self.accepted)
+        positions = [self.first[u] for u in changed]
+        if positions and min(positions) < 0:
+            return None  # the step changes a layer that is not a cut: nothing to reuse
+        entry = self.entry
+        if entry is not None and self._before(units, entry.layer) == entry.units:
+            deeper = positions and min(positions) > self.runner.cut_index[entry.layer]
+            if entry.base == self.accepted or not deeper:
+                return functools.partial(self._run, entry)
+        if not positions:
+            return None
+        layer = next(n for n, c in self.runner.cut_index.items() if c == min(positions))
+        self.entry = _Entry(layer, self._before(units, layer), self.accepted, {})
+        return functools.partial(self._run, self.entry)
+
+    def _run(self, entry: _Entry, index: int, images: torch.Tensor) -> torch.Tensor:
+        if index in entry.caches:
+            self.hits += 1
+            return self.runner.run_from(entry.layer, entry.caches[index])
+        logits, every = self.runner.full(images)
+        kept = every[entry.layer]
+        if _nbytes(kept) * (index + 1) <= self.budget:
+            entry.caches[index] = kept
+        return logits
+
+    def record(self, units: Sequence[int], validation: Validation, threshold: float) -> None:
+        """The schedule accepts a step whose accuracy reaches ``threshold``: that model is the
+        one the next steps extend."""
+        if validation.complete and validation.accuracy >= threshold:
+            self.accepted = tuple(units)
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """Per validation batch, the values from which ``layer`` onward can be rerun, valid for the
+    removals whose units consumed before ``layer`` are ``units``; built from ``base``."""
+
+    layer: str
+    units: frozenset[int]
+    base: tuple[int, ...]
+    caches: dict[int, dict]
+
+
+def _nbytes(cache: dict) -> int:
+    return sum(v.numel() * v.element_size() for v in cache.values() if isinstance(v, torch.Tensor))
 
 
 def unit_evidence(

@@ -95,7 +95,8 @@ def stop_explanation(report: dict) -> str:
     if reason == "tolerance_unmet":
         rejected = [s for s in steps if not s["accepted"]]
         last = rejected[-1]["val_accuracy"] if rejected else None
-        measured = f"; the last rejected step measured {last:.4f}" if last is not None else ""
+        bound = "at most " if rejected and rejected[-1].get("stopped_early") else ""
+        measured = f"; the last rejected step measured {bound}{last:.4f}" if rejected else ""
         patience = (report.get("schedule") or {}).get("patience")
         return (
             "Every further step cost more validation accuracy than the tolerance allows: "
@@ -356,8 +357,9 @@ def unit_section(report: dict, arrays: dict) -> str:
 KL: mean KL divergence of the predictions when it is removed; classes: its most negative
 per-class effects; p: the smallest corrected p-value of "class effect below -margin" (critical)
 and the p-value of "effect above +margin" (detrimental). Category and effects are those of the
-first scoring, on the unpruned model; "estimated": a unit far from the cut, not scored exactly
-(its KL is the estimate, no test was run).</p>
+first scoring, on the unpruned model; "estimated": a unit whose side of the cut was clear
+without scoring it on every calibration image (its KL is its mean on a subsample of the images,
+or, far from the cut, the estimate from its consumers' refit; no test was run).</p>
 <p><label>category <select id=category-filter>{options}</select></label>
 <label>search <input id=unit-search type=search placeholder="layer, class, fate"></label>
 <span id=unit-count>{len(units)}</span> of {len(units)} units shown</p>
@@ -594,8 +596,8 @@ def _estimated_count(counts: dict) -> str:
     if not counts.get(ESTIMATED):
         return ""
     return (
-        f" {_badge(ESTIMATED)} {counts[ESTIMATED]} (far from the first cut: estimated from "
-        "their consumers' refit, not tested)"
+        f" {_badge(ESTIMATED)} {counts[ESTIMATED]} (clearly on one side of the first cut: "
+        "estimated from a subsample of the images or their consumers' refit, not tested)"
     )
 
 
@@ -649,7 +651,7 @@ def details_sections(report: dict, directory: Path) -> str:
         f"<tr class={'ok' if s['accepted'] else 'no'}><td>{s['index']}</td>"
         f"<td>{s['units_tried']}</td><td>{'accepted' if s['accepted'] else 'rolled back'}</td>"
         f"<td>{s['params']:,}</td><td>{s['macs']:,}</td>"
-        f"<td>{_fraction(s['val_accuracy'])}</td>"
+        f"<td>{'at most ' if s.get('stopped_early') else ''}{_fraction(s['val_accuracy'])}</td>"
         f"<td>{s['paired_se']:.4f}</td></tr>"
         for s in report.get("steps", [])
     )
@@ -663,6 +665,8 @@ def details_sections(report: dict, directory: Path) -> str:
 {_timings_section(report)}
 <h2>Steps</h2>
 {_image(directory, "steps.png")}
+<p>A step stops validating as soon as its accuracy can no longer reach the threshold even if
+every remaining image came out right; its accuracy then reads "at most".</p>
 <table><tr><th>step</th><th>units</th><th>verdict</th><th>params</th><th>MACs</th>
 <th>val. accuracy</th><th>paired s.e.</th></tr>{steps}</table>
 <h2>Per layer</h2>

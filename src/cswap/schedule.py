@@ -1,8 +1,9 @@
 """The progressive schedule (METHOD.md section 6), criterion-agnostic and model-free.
 
 The loop only sees three callables: ``rank(removed) -> Ranking`` (any criterion: causal,
-magnitude, Taylor, ...), ``validate(removed) -> Validation`` (accuracy of the model with those units
-removed) and the unit space's accounting. So it is testable without a model, and every baseline
+magnitude, Taylor, ...), ``validate(removed, threshold) -> Validation`` (accuracy of the model with
+those units removed; it may stop once the accuracy cannot reach ``threshold``) and the unit
+space's accounting. So it is testable without a model, and every baseline
 runs through the very same loop.
 
 1. Candidates come in the ranking's order (for C-SWAP: detrimental, neutral, then critical
@@ -48,7 +49,10 @@ MAX_STEPS = "max_steps"  # a safety net (max_steps option), not expected in prac
 class Validation:
     accuracy: float
     paired_se: float  # sqrt(b + c) / n against the unpruned model's predictions
-    images: int
+    images: int  # validated; fewer than all when the step was rejected early
+    # False: validation stopped once the step could no longer pass; ``accuracy`` is then the
+    # most the full validation could have given (every remaining image right)
+    complete: bool = True
 
 
 @dataclass(frozen=True)
@@ -125,6 +129,7 @@ class Step:
     paired_se: float
     rescored_after: bool = False
     probe: bool = False  # a trial of the re-scored start: ``units`` is its whole prefix
+    stopped_early: bool = False  # rejected before every validation image: val_accuracy is a bound
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -162,7 +167,9 @@ class ScheduleResult:
 
 
 Rank = Callable[[tuple[int, ...]], Ranking]
-Validate = Callable[[tuple[int, ...]], Validation]
+# validate(removed, threshold=None): with a threshold, validation may stop as soon as the
+# accuracy can no longer reach it (the step is rejected either way); without, it is complete
+Validate = Callable[..., Validation]
 OnStep = Callable[[ScheduleState, Step, Ranking | None], None]
 
 
@@ -276,7 +283,7 @@ def run_schedule(
         chunk_blocks = _take_chunk(space, config, blocks, state)
         chunk = tuple(unit for block in chunk_blocks for unit in block)
         trial = (*state.removed, *chunk)
-        validation = validate(trial)
+        validation = validate(trial, threshold)
         accepted = validation.accuracy >= threshold
         step = Step(
             index=len(state.steps),
@@ -286,6 +293,7 @@ def run_schedule(
             macs=space.macs_after(trial),
             val_accuracy=validation.accuracy,
             paired_se=validation.paired_se,
+            stopped_early=not validation.complete,
         )
         new_ranking = None
         if accepted:
@@ -377,7 +385,7 @@ def _oneshot_start(space, config, rank, ranking, validate, threshold, state, on_
 
 
 def _probe(space, validate, threshold, state, units, on_step):
-    validation = validate(units)
+    validation = validate(units, threshold)
     step = Step(
         index=len(state.steps),
         units=units,
@@ -387,6 +395,7 @@ def _probe(space, validate, threshold, state, units, on_step):
         val_accuracy=validation.accuracy,
         paired_se=validation.paired_se,
         probe=True,
+        stopped_early=not validation.complete,
     )
     state = replace(state, steps=(*state.steps, step))
     if on_step is not None and not step.accepted:

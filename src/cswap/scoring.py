@@ -74,6 +74,24 @@ def join_effects(parts: list[CausalEffects]) -> CausalEffects:
     )
 
 
+def join_samples(parts: list[tuple[CausalEffects, np.ndarray]]) -> CausalEffects:
+    """The effects of the same units measured on disjoint sets of calibration rows (each part
+    with its rows, together every row once), as one measurement in row order. Parts may list
+    more units than the first: rows follow the first part's units."""
+    units = parts[0][0].unit_ids
+    total = sum(len(columns) for _, columns in parts)
+    names = ("relative_effects", "log_ratio", "kl")
+    merged = {name: np.empty((len(units), total)) for name in names}
+    labels, baseline = np.empty(total, dtype=np.int64), np.empty(total)
+    for effects, columns in parts:
+        position = {unit: row for row, unit in enumerate(effects.unit_ids.tolist())}
+        rows = np.array([position[unit] for unit in units.tolist()], dtype=np.int64)
+        for name in names:
+            merged[name][:, columns] = getattr(effects, name)[rows]
+        labels[columns], baseline[columns] = effects.labels, effects.baseline
+    return CausalEffects(unit_ids=units, labels=labels, baseline=baseline, **merged)
+
+
 def _cut_layer(space: UnitSpace, unit_id: int, runner: SuffixRunner | None) -> str | None:
     """The unit's earliest consumer in the traced graph: everything before it is unchanged."""
     if runner is None:

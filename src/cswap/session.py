@@ -39,7 +39,7 @@ from cswap.criteria import criterion_scores, ranking_from_scores
 from cswap.devices import resolve_device
 from cswap.errors import CswapError
 from cswap.estimate import BandConfig
-from cswap.evaluate import masked_validation
+from cswap.evaluate import ValidationPrefix, masked_validation
 from cswap.fastscore import FastConfig, fast_categorize
 from cswap.measure import predict
 from cswap.schedule import (
@@ -97,6 +97,8 @@ class Options:
     # exact scoring only within exact_band residual sd of the next cut (cswap.estimate); 0: all
     exact_band: float = 2.0
     exact_max: int = 0  # at most this many units per round exact inside the band (0: no cap)
+    # the band's units scored on this share of the calibration images first (0: all at once)
+    sample_fraction: float = 0.25
     units_per_pass: int | None = None  # None: auto (1 on CPU); 0: fill memory_budget_mb
     memory_budget_mb: float = 1024.0
     # scale-out: score on Ray workers (0: in this process); ray_address joins a cluster
@@ -132,6 +134,11 @@ class Options:
             max_steps=self.max_steps,
             milestones=self.milestones,
             oneshot_start=self.oneshot_start,
+        )
+
+    def band_config(self) -> BandConfig:
+        return BandConfig(
+            z=self.exact_band, max_exact=self.exact_max, sample_fraction=self.sample_fraction
         )
 
     def rank_config(self, allow_critical: bool | None = None) -> RankConfig:
@@ -243,13 +250,28 @@ class Session:
     num_classes: int
     calibration_info: dict
 
-    def validator(self, compensation: Compensation | None):
-        """``validate(units) -> Validation``: the masked model (with ``compensation``) against
-        the unpruned model's reference, on the validation batches."""
+    def validator(
+        self,
+        compensation: Compensation | None,
+        *,
+        prefix_reuse: bool = True,
+        budget_mb: float = 1024.0,
+    ):
+        """``validate(units, threshold=None) -> Validation``: the masked model (with
+        ``compensation``) against the unpruned model's reference, on the validation batches;
+        rejected early once it cannot reach ``threshold``; with ``prefix_reuse``, steps rerun
+        only from the shallowest layer they change (``ValidationPrefix``, within ``budget_mb``)."""
+        prefix: list[ValidationPrefix] = []
 
-        def validate(units) -> Validation:
+        def validate(units, threshold: float | None = None) -> Validation:
             with stage("validation step"):
-                return masked_validation(
+                if prefix_reuse and not prefix:
+                    prefix.append(
+                        ValidationPrefix(
+                            self.model, self.space, self.validation, budget_mb=budget_mb
+                        )
+                    )
+                result = masked_validation(
                     self.model,
                     self.space,
                     units,
@@ -257,7 +279,12 @@ class Session:
                     self.reference_predictions,
                     device=self.device,
                     compensation=compensation,
+                    threshold=threshold,
+                    prefix=prefix[0] if prefix else None,
                 )
+                if prefix and threshold is not None:
+                    prefix[0].record(units, result, threshold)
+                return result
 
         return validate
 
@@ -345,7 +372,7 @@ def prepare(
             "check ignored_layers; excluded groups and why: "
             + "; ".join(f"{g.root}: {g.reason}" for g in space.excluded),
         )
-    accuracy = float((reference == val_labels).float().mean())
+    accuracy = int((reference == val_labels).sum()) / len(val_labels)  # as masked_validation
     info = {
         "calibration_size": len(labels),
         "calibration_per_class": {
@@ -430,15 +457,18 @@ class CausalRanker:
                     self.compensation,
                     removed,
                     images=prepared.calibration_images,
+                    labels=prepared.calibration_labels,
                     device=prepared.device,
                     horizon=self.horizon * prepared.space.params_total,
                     cost_kind=self.cost_kind,
-                    band=BandConfig(z=self.options.exact_band, max_exact=self.options.exact_max),
+                    band=self.options.band_config(),
                     category_config=self.options.category_config(),
+                    seed=self.options.seed,
                     progress=bar.update,
                 )
                 result = banded.categorization
                 note = {"exact": banded.exact, "estimated": banded.estimated}
+                note["sampled"] = len(banded.sampled)
                 note["estimate_sd"] = None if math.isnan(banded.sd) else round(banded.sd, 4)
             else:
                 effects = self._exact_scorer(removed)(progress=bar.update)
@@ -478,15 +508,16 @@ class CausalRanker:
         }
 
     def _exact_scorer(self, removed: tuple[int, ...]):
-        """``score(units=None, progress=None)``: exact effects on this round's model."""
+        """``score(units=None, progress=None)``: exact effects on this round's model (of the
+        calibration data, or of ``images=``, ``labels=`` given)."""
         prepared = self.prepared
         score = causal_effects if self.backend is None else self.backend.effects
         return functools.partial(
             score,
             prepared.model,
             prepared.space,
-            prepared.calibration_images,
-            prepared.calibration_labels,
+            images=prepared.calibration_images,
+            labels=prepared.calibration_labels,
             already_removed=removed,
             compensation=self.compensation,
             **self._scoring_options(),
@@ -674,6 +705,11 @@ def make_options(overrides: dict[str, Any]) -> Options:
         raise CswapError(
             f"exact_max must be >= 0, got {options.exact_max}.",
             "use e.g. 300 (units per round scored exactly inside the band), or 0 for no cap.",
+        )
+    if not 0.0 <= options.sample_fraction < 1.0:
+        raise CswapError(
+            f"sample_fraction must be in [0, 1), got {options.sample_fraction}.",
+            "use e.g. 0.25 (the default), or 0 to score the band on every image at once.",
         )
     if not 0.0 < options.validation_fraction < 1.0:
         raise CswapError("validation_fraction must be in (0, 1).", "use e.g. 0.5.")

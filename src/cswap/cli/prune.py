@@ -349,6 +349,14 @@ def register(app: typer.Typer) -> None:
                 "band, the closest to the cut first (for big models); 0: no cap."
             ),
         ] = 0,
+        sample_fraction: Annotated[
+            float,
+            typer.Option(
+                help="Progressive: score the band first on this share of the calibration "
+                "images; units that are then clearly on one side of the cut keep that mean. "
+                "0: every band unit on every image."
+            ),
+        ] = 0.25,
         units_per_pass: Annotated[
             int | None,
             typer.Option(
@@ -414,6 +422,7 @@ def register(app: typer.Typer) -> None:
                 "screen": screen,
                 "exact_band": exact_band,
                 "exact_max": exact_max,
+                "sample_fraction": sample_fraction,
                 "units_per_pass": units_per_pass,
                 "memory_budget_mb": memory_budget_mb,
                 "workers": workers,
