@@ -702,8 +702,23 @@ def _unit_entries(
 # ----------------------------------------------------------------------------- from specs
 
 
-def load_spec(spec: str, *, weights: str | Path | None = None):
-    """A model spec, or the directory of a saved pruned model, as a ``LoadedModel``."""
+def load_spec(spec: str, *, weights: str | Path | None = None, input_size: int | None = None):
+    """A model spec, or the directory of a saved pruned model, as a ``LoadedModel``;
+    ``input_size``: square input in pixels instead of the model's own (its resize scaled along)."""
+    from dataclasses import replace
+
+    if input_size is not None and (isinstance(input_size, bool) or not 8 <= input_size <= 4096):
+        raise CswapError(
+            f"input_size={input_size!r} is not a size in pixels.",
+            "pass the square input size the model accepts, e.g. --input-size 224.",
+        )
+    loaded = _load_spec(spec, weights)
+    if input_size is None:
+        return loaded
+    return replace(loaded, preprocessing=loaded.preprocessing.with_input_size(input_size))
+
+
+def _load_spec(spec: str, weights: str | Path | None):
     from cswap.export import is_saved_model, read_spec
     from cswap.models import LoadedModel, load_model
 

@@ -16,6 +16,7 @@ Model hubs are not contacted (downloads fail offline): users with downloaded wei
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -182,9 +183,26 @@ def _load_torchvision(spec: str, name: str, options: dict) -> LoadedModel:
             f"{type(error).__name__}: {first_line(error)}.",
             "pass only keyword arguments its builder accepts, with valid values.",
         ) from error
-    size = int(options.get("image_size", 299 if name == "inception_v3" else 224))
-    preprocessing = Preprocessing((size, size), 3, IMAGENET_MEAN, IMAGENET_STD)
+    preprocessing = _torchvision_preprocessing(name)
+    if "image_size" in options:
+        preprocessing = preprocessing.with_input_size(int(options["image_size"]))
     return LoadedModel(spec, "torchvision", model, preprocessing)
+
+
+def _torchvision_preprocessing(name: str) -> Preprocessing:
+    """The evaluation transform of the model's default pretrained weights (read from
+    torchvision's metadata, nothing downloaded); ImageNet's 224 px otherwise."""
+    import torchvision
+
+    try:
+        transform = torchvision.models.get_model_weights(name).DEFAULT.transforms()
+        crop, resize = int(transform.crop_size[0]), int(transform.resize_size[0])
+        mode = str(transform.interpolation.value)
+        mean, std = tuple(transform.mean), tuple(transform.std)
+    except (AttributeError, ValueError, KeyError, TypeError, IndexError):
+        return Preprocessing((224, 224), 3, IMAGENET_MEAN, IMAGENET_STD)
+    mode = mode if mode in ("bilinear", "bicubic") else "bilinear"
+    return Preprocessing((crop, crop), 3, mean, std, resize=max(resize, crop), interpolation=mode)
 
 
 def _load_timm(spec: str, name: str, options: dict) -> LoadedModel:
@@ -212,7 +230,12 @@ def _load_timm(spec: str, name: str, options: dict) -> LoadedModel:
     mean, std = tuple(config["mean"]), tuple(config["std"])
     if channels == 1:
         mean, std = (sum(mean) / len(mean),), (sum(std) / len(std),)
-    return LoadedModel(spec, "timm", model, Preprocessing((height, width), channels, mean, std))
+    resize, mode = None, str(config.get("interpolation", "bilinear"))
+    if config.get("crop_mode", "center") == "center" and config.get("crop_pct"):
+        resize = max(height, width, math.floor(max(height, width) / float(config["crop_pct"])))
+    mode = mode if mode in ("bilinear", "bicubic") else "bilinear"
+    preprocessing = Preprocessing((height, width), channels, mean, std, resize, mode)
+    return LoadedModel(spec, "timm", model, preprocessing)
 
 
 def _load_hf(spec: str, path: str) -> LoadedModel:
@@ -239,13 +262,26 @@ def _load_hf(spec: str, path: str) -> LoadedModel:
     channels = getattr(config, "num_channels", 3)
     mean, std = (0.5,) * channels, (0.5,) * channels
     processor = directory / "preprocessor_config.json"
+    resize = None
     if processor.is_file():
         import json
 
         data = json.loads(processor.read_text())
         mean = tuple(data.get("image_mean", mean))
         std = tuple(data.get("image_std", std))
+        resize = _hf_resize(data, size)
     labels = getattr(config, "id2label", None)
     class_names = tuple(labels[i] for i in sorted(labels)) if labels else None
-    preprocessing = Preprocessing(size, channels, mean, std)
+    preprocessing = Preprocessing(size, channels, mean, std, resize)
     return LoadedModel(spec, "hf", HuggingFaceLogits(model), preprocessing, class_names)
+
+
+def _hf_resize(processor: dict, size: tuple[int, int]) -> int | None:
+    """The shorter-side resize of an image processor that centre-crops (``do_center_crop``
+    with ``size: {shortest_edge: S}``); None when it resizes straight to the input size."""
+    edge = processor.get("size")
+    if not processor.get("do_center_crop") or not isinstance(edge, dict):
+        return None
+    if "shortest_edge" not in edge:
+        return None
+    return max(int(edge["shortest_edge"]), *size)

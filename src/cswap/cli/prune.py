@@ -117,6 +117,7 @@ def run_prune(
     method: str = "cswap",
     mode: str = "progressive",
     compensate: str | None = None,
+    input_size: int | None = None,
 ) -> dict:
     from cswap.api import DEFAULT_COMPENSATE, _check_choices, load_spec, prune, select_data
     from cswap.data.spec import check_data_spec
@@ -137,7 +138,7 @@ def run_prune(
     check_data_sizes(calib_per_class, validation_size)
     check_data_spec(data)
     device = resolve_device(device)
-    loaded = load_spec(model, weights=weights)
+    loaded = load_spec(model, weights=weights, input_size=input_size)
     selection = select_data(
         loaded,
         data,
@@ -179,7 +180,7 @@ def run_prune(
         model=model, data=data, out=out, target_params=target_params, target_macs=target_macs,
         tolerance=tolerance, method=method, mode=mode, compensate=compensate,
         calib_per_class=calib_per_class, validation_size=validation_size, label_free=label_free,
-        weights=weights, data_dir=data_dir, options=options,
+        weights=weights, data_dir=data_dir, input_size=input_size, options=options,
     )  # fmt: skip
     result.save(out, export=export, overwrite=True)
     return result.report
@@ -200,8 +201,9 @@ def command_line(*, options: dict, **arguments) -> list[str]:
     for name in ("target_params", "target_macs", "tolerance", "calib_per_class"):
         if arguments[name] is not None:
             args += ["--" + name.replace("_", "-"), f"{arguments[name]:g}"]
-    for name in ("method", "mode", "compensate", "validation_size", "weights", "data_dir"):
-        if arguments[name] is not None:
+    names = ("method", "mode", "compensate", "validation_size", "weights", "data_dir", "input_size")
+    for name in names:
+        if arguments.get(name) is not None:
             args += ["--" + name.replace("_", "-"), str(arguments[name])]
     if arguments["label_free"]:
         args.append("--label-free")
@@ -269,6 +271,13 @@ def register(app: typer.Typer) -> None:
         overwrite: Annotated[bool, typer.Option(help="Replace a report already in --out.")] = False,
         weights: Annotated[
             str | None, typer.Option(help="Local weights file for the model.")
+        ] = None,
+        input_size: Annotated[
+            int | None,
+            typer.Option(
+                help="Input size in pixels (square), instead of the model's own (its resize "
+                "scales along)."
+            ),
         ] = None,
         data_dir: Annotated[
             str | None, typer.Option(help="Directory of the Fashion-MNIST IDX files.")
@@ -391,6 +400,7 @@ def register(app: typer.Typer) -> None:
             resume=resume,
             overwrite=overwrite,
             weights=weights,
+            input_size=input_size,
             data_dir=data_dir,
             device=device,
             batch_size=batch_size,
@@ -446,6 +456,9 @@ def register(app: typer.Typer) -> None:
         label_free: Annotated[bool, typer.Option(help="Use the model's own top-1.")] = False,
         overwrite: Annotated[bool, typer.Option(help="Replace a report already in --out.")] = False,
         weights: Annotated[str | None, typer.Option(help="Local weights file.")] = None,
+        input_size: Annotated[
+            int | None, typer.Option(help="Input size in pixels, instead of the model's own.")
+        ] = None,
         margin: Annotated[float, typer.Option(help="Practical margin delta.")] = 0.001,
         test: Annotated[str, typer.Option(help="t or wilcoxon.")] = "t",
         alpha: Annotated[float, typer.Option(help="Significance level.")] = 0.05,
@@ -472,7 +485,7 @@ def register(app: typer.Typer) -> None:
         check_data_sizes(calib_per_class, None)
         check_data_spec(data)
         resolved = resolve_device(device)
-        loaded = load_spec(model, weights=weights)
+        loaded = load_spec(model, weights=weights, input_size=input_size)
         selection = select_data(
             loaded,
             data,

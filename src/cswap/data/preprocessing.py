@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -13,10 +13,16 @@ FASHION_MNIST_MEAN = (0.2860,)
 FASHION_MNIST_STD = (0.3530,)
 
 
+INTERPOLATIONS = ("bilinear", "bicubic")
+
+
 @dataclass(frozen=True)
 class Preprocessing:
-    """Resize to ``size`` (bilinear), match ``channels``, scale to [0, 1], normalise.
+    """Match ``channels``, scale to [0, 1], bring to ``size``, normalise.
 
+    ``resize`` None: resize straight to ``size`` (bilinear). ``resize`` = S: the evaluation
+    transform of ImageNet models (torchvision's weights, timm's ``crop_pct``): the shorter side
+    to S with the aspect kept (``interpolation``, antialiased), then the centre ``size`` crop.
     A grey image fed to a 3-channel model is repeated over the channels; an RGB image fed to a
     1-channel model is converted with the ITU-R 601 luma weights.
     """
@@ -25,6 +31,8 @@ class Preprocessing:
     channels: int = 1
     mean: tuple[float, ...] = FASHION_MNIST_MEAN
     std: tuple[float, ...] = FASHION_MNIST_STD
+    resize: int | None = None
+    interpolation: str = "bilinear"
 
     def __post_init__(self) -> None:
         if self.channels not in (1, 3):
@@ -33,13 +41,29 @@ class Preprocessing:
             raise ValueError(
                 f"mean/std need {self.channels} values each, got {self.mean} and {self.std}."
             )
+        if self.resize is not None and self.resize < max(self.size):
+            raise ValueError(f"resize {self.resize} is smaller than the crop {self.size}.")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {INTERPOLATIONS}.")
 
     def describe(self) -> str:
         height, width = self.size
+        if self.resize is None:
+            shape = f"resize to {height}x{width} (bilinear)"
+        else:
+            shape = (
+                f"resize the shorter side to {self.resize} ({self.interpolation}, aspect kept), "
+                f"centre crop {height}x{width}"
+            )
         return (
-            f"resize to {height}x{width} (bilinear), {self.channels} channel(s), "
+            f"{shape}, {self.channels} channel(s), "
             f"scale to [0, 1], normalise with mean {self.mean} and std {self.std}"
         )
+
+    def with_input_size(self, size: int) -> Preprocessing:
+        """The same transform at ``size`` x ``size`` (a resize scaled in proportion)."""
+        resize = None if self.resize is None else size * self.resize // max(self.size)
+        return replace(self, size=(size, size), resize=resize)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -51,6 +75,8 @@ class Preprocessing:
             channels=int(data["channels"]),
             mean=tuple(data["mean"]),
             std=tuple(data["std"]),
+            resize=data.get("resize"),
+            interpolation=data.get("interpolation", "bilinear"),
         )
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
@@ -61,12 +87,33 @@ class Preprocessing:
         if images.dtype == torch.uint8:
             batch = batch / 255.0
         batch = _match_channels(batch, self.channels)
-        if tuple(batch.shape[-2:]) != tuple(self.size):
+        if self.resize is not None:
+            batch = _centre_crop(_resize_shorter(batch, self.resize, self.interpolation), self.size)
+        elif tuple(batch.shape[-2:]) != tuple(self.size):
             batch = F.interpolate(batch, size=self.size, mode="bilinear", align_corners=False)
         mean = torch.tensor(self.mean, dtype=batch.dtype).view(1, -1, 1, 1)
         std = torch.tensor(self.std, dtype=batch.dtype).view(1, -1, 1, 1)
         batch = (batch - mean) / std
         return batch[0] if single else batch
+
+
+def _resize_shorter(batch: torch.Tensor, side: int, mode: str) -> torch.Tensor:
+    """The shorter side to ``side``, the longer in proportion (rounded down, as torchvision)."""
+    height, width = batch.shape[-2:]
+    if height <= width:
+        size = (side, int(side * width / height))
+    else:
+        size = (int(side * height / width), side)
+    if size == (height, width):
+        return batch
+    return F.interpolate(batch, size=size, mode=mode, align_corners=False, antialias=True)
+
+
+def _centre_crop(batch: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    height, width = batch.shape[-2:]
+    top = round((height - size[0]) / 2.0)
+    left = round((width - size[1]) / 2.0)
+    return batch[..., top : top + size[0], left : left + size[1]]
 
 
 def _match_channels(batch: torch.Tensor, channels: int) -> torch.Tensor:
