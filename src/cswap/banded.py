@@ -1,6 +1,7 @@
 """A scoring round that spends exact passes only where the next cut can change (cswap.estimate).
 
-1. Estimate every remaining unit's damage from its consumers' refits (no pass over the data).
+1. Estimate every remaining unit's damage from its consumers' refits (no pass over the data;
+   the output sensitivity that weights it is taken on the first stage's subsample, see 3).
 2. Score exactly a few units per group, spread over the group's estimates, and the units that
    have no estimate; fit the estimate's per-group scale and its error to them (their means on
    the first stage's subsample, see 3).
@@ -81,14 +82,14 @@ def banded_categorization(
     units = remaining_units(space, removed)
     if compensation is not None:
         compensation = compensation.with_base(model, space, removed)
-    costs = _estimates(model, space, compensation, removed, units, images, device)
+    stages = _Stages(score, images, labels, band, seed, progress)
+    costs = _estimates(model, space, compensation, removed, units, stages.images_first, device)
     if not costs:
         effects = score(units=units, images=images, labels=labels, progress=progress)
         categorization = categorize(effects, category_config)
         return BandedRound(categorization, len(units), 0, math.nan, passes=len(units))
     first_units = sorted(set(calibration_sample(space, costs, band.per_group)))
     first_units = sorted(first_units + [u for u in units if u not in costs])
-    stages = _Stages(score, images, labels, band, seed, progress)
     first = stages.first(first_units)  # on the subsample when there are two stages
     sampled_first = dict(zip(first.unit_ids.tolist(), first.kl.mean(axis=1).tolist(), strict=True))
     fit = fit_scale(space, costs, sampled_first, band.min_sd)
@@ -144,6 +145,11 @@ class _Stages:
         self.rows = split_samples(labels.numpy(), band, seed)
         self.share = 1.0 if self.rows is None else len(self.rows) / len(labels)
         self.passes = 0.0
+
+    @property
+    def images_first(self) -> torch.Tensor:
+        """The first stage's images (also those the estimate's output sensitivity is taken on)."""
+        return self.images if self.rows is None else self.images[torch.as_tensor(self.rows)]
 
     def first(self, units: Sequence[int]) -> CausalEffects:
         self.passes += len(units) * self.share
