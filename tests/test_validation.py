@@ -6,11 +6,11 @@ threshold), compared bit for bit (logits with torch.equal, Validation with ==).
 
 import torch
 
+from conftest import TinyNet, randomize_batchnorm
 from cswap.compensation import measure_means
 from cswap.evaluate import ValidationPrefix, masked_validation
 from cswap.intervene import removed
 from cswap.units import discover_units
-from conftest import TinyNet, randomize_batchnorm
 
 
 def _setting(images: int = 96, batch: int = 16):
@@ -74,5 +74,7 @@ def test_early_rejection_keeps_the_full_validations_verdict():
     assert full.accuracy <= early.accuracy < 0.9  # a bound on the full accuracy, same verdict
     one = [_units_of(space, "hidden")[0]]  # far above a threshold of 0.2
     full = masked_validation(model, space, one, batches, reference, compensation=lstsq)
-    kept = masked_validation(model, space, one, batches, reference, compensation=lstsq, threshold=0.2)
+    kept = masked_validation(
+        model, space, one, batches, reference, compensation=lstsq, threshold=0.2
+    )
     assert full.accuracy >= 0.2 and kept == full and kept.complete and kept.images == total
