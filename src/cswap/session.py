@@ -667,7 +667,11 @@ def _progress_bar(total: int, description: str, enabled: bool, unit: str = "unit
         return _NullBar()
     from tqdm.auto import tqdm
 
-    return tqdm(total=total or None, desc=description, leave=False, unit=unit)
+    if not total:
+        return tqdm(total=None, desc=description, leave=False, unit=unit)
+    # scoring advances by fractions of a unit (a batch of its images): show whole units
+    bar_format = "{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total_fmt} [{elapsed}<{remaining}]"
+    return tqdm(total=total, desc=description, leave=False, unit=unit, bar_format=bar_format)
 
 
 def make_options(overrides: dict[str, Any]) -> Options:
