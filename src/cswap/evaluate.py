@@ -145,7 +145,7 @@ class ValidationPrefix:
     def __init__(self, model, space, batches, *, budget_mb: float = 1024.0) -> None:
         layers = {target.layer for unit in space.units for target in unit.targets}
         self.runner = try_suffix_runner(model, layers, batches[0][0][:1]) if batches else None
-        self.space, self.budget = space, budget_mb * 2**20
+        self.budget = budget_mb * 2**20
         self.first = {unit.id: self._first(unit) for unit in space.units}
         self.accepted: tuple[int, ...] = ()
         self.entry: _Entry | None = None
@@ -187,8 +187,8 @@ class ValidationPrefix:
         if index in entry.caches:
             self.hits += 1
             return self.runner.run_from(entry.layer, entry.caches[index])
-        logits, every = self.runner.full(images)
-        kept = every[entry.layer]
+        logits, caches = self.runner.full(images, [entry.layer])
+        kept = caches[entry.layer]
         if _nbytes(kept) * (index + 1) <= self.budget:
             entry.caches[index] = kept
         return logits

@@ -23,7 +23,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cswap.data.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from cswap.data.preprocessing import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Preprocessing,
+    supported_interpolation,
+)
 from cswap.errors import CswapError, first_line
 from cswap.specs import parse_spec
 
@@ -201,7 +206,7 @@ def _torchvision_preprocessing(name: str) -> Preprocessing:
         mean, std = tuple(transform.mean), tuple(transform.std)
     except (AttributeError, ValueError, KeyError, TypeError, IndexError):
         return Preprocessing((224, 224), 3, IMAGENET_MEAN, IMAGENET_STD)
-    mode = mode if mode in ("bilinear", "bicubic") else "bilinear"
+    mode = supported_interpolation(mode)
     return Preprocessing((crop, crop), 3, mean, std, resize=max(resize, crop), interpolation=mode)
 
 
@@ -233,8 +238,9 @@ def _load_timm(spec: str, name: str, options: dict) -> LoadedModel:
     resize, mode = None, str(config.get("interpolation", "bilinear"))
     if config.get("crop_mode", "center") == "center" and config.get("crop_pct"):
         resize = max(height, width, math.floor(max(height, width) / float(config["crop_pct"])))
-    mode = mode if mode in ("bilinear", "bicubic") else "bilinear"
-    preprocessing = Preprocessing((height, width), channels, mean, std, resize, mode)
+    preprocessing = Preprocessing(
+        (height, width), channels, mean, std, resize, supported_interpolation(mode)
+    )
     return LoadedModel(spec, "timm", model, preprocessing)
 
 
@@ -280,8 +286,10 @@ def _hf_resize(processor: dict, size: tuple[int, int]) -> int | None:
     """The shorter-side resize of an image processor that centre-crops (``do_center_crop``
     with ``size: {shortest_edge: S}``); None when it resizes straight to the input size."""
     edge = processor.get("size")
-    if not processor.get("do_center_crop") or not isinstance(edge, dict):
-        return None
-    if "shortest_edge" not in edge:
+    if (
+        not processor.get("do_center_crop")
+        or not isinstance(edge, dict)
+        or "shortest_edge" not in edge
+    ):
         return None
     return max(int(edge["shortest_edge"]), *size)

@@ -77,9 +77,13 @@ class SuffixRunner:
     def supports(self, layer: str) -> bool:
         return layer in self.cut_index
 
-    def full(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, dict[fx.Node, object]]]:
-        """The model's output on ``images`` and, for every cut, the values its suffix needs."""
-        wanted = {node for nodes in self.needed.values() for node in nodes}
+    def full(
+        self, images: torch.Tensor, layers: Iterable[str] | None = None
+    ) -> tuple[torch.Tensor, dict[str, dict[fx.Node, object]]]:
+        """The model's output on ``images`` and, for every cut (or those in ``layers``), the
+        values its suffix needs."""
+        needed = self.needed if layers is None else {layer: self.needed[layer] for layer in layers}
+        wanted = {node for nodes in needed.values() for node in nodes}
         kept: dict[fx.Node, object] = {}
 
         class Keeper(fx.Interpreter):
@@ -90,9 +94,7 @@ class SuffixRunner:
                 return value
 
         output = Keeper(self.graph_module).run(images)
-        caches = {
-            layer: {node: kept[node] for node in nodes} for layer, nodes in self.needed.items()
-        }
+        caches = {layer: {node: kept[node] for node in nodes} for layer, nodes in needed.items()}
         return output, caches
 
     def run_from(self, layer: str, cache: dict[fx.Node, object]) -> torch.Tensor:
@@ -254,10 +256,13 @@ class ModuleCallRunner:
     def supports(self, layer: str) -> bool:
         return layer in self.cut_index
 
-    def full(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, dict]]:
-        """The model's output on ``images`` and, per cut, the outputs its replay needs (only
-        the input when this batch's call order does not allow a replay)."""
-        names = {*self._kept, *self.cut_index}
+    def full(
+        self, images: torch.Tensor, layers: Iterable[str] | None = None
+    ) -> tuple[torch.Tensor, dict[str, dict]]:
+        """The model's output on ``images`` and, per cut (or those in ``layers``), the outputs
+        its replay needs (only the input when this batch's call order does not allow a replay)."""
+        layers = list(self.cut_index) if layers is None else list(layers)
+        names = {*layers, *(name for layer in layers for name in self.plans[layer])}
         with _CallRecorder(self.model, names, copy=self._in_place) as recorder:
             logits = self.model(images)
         # an output the forward code later changed in place is not what the module returned:
@@ -270,7 +275,7 @@ class ModuleCallRunner:
         kept = {
             name: values[-1][0] for name, values in recorder.outputs.items() if name not in changed
         }
-        caches = {layer: self._cache(layer, images, kept, calls) for layer in self.cut_index}
+        caches = {layer: self._cache(layer, images, kept, calls) for layer in layers}
         return logits, caches
 
     def _cache(self, layer, images, outputs, calls) -> dict:

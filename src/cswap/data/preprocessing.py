@@ -97,6 +97,11 @@ class Preprocessing:
         return batch[0] if single else batch
 
 
+def supported_interpolation(mode: str) -> str:
+    """``mode`` when this preprocessing implements it, else bilinear."""
+    return mode if mode in INTERPOLATIONS else "bilinear"
+
+
 def _resize_shorter(batch: torch.Tensor, side: int, mode: str) -> torch.Tensor:
     """The shorter side to ``side``, the longer in proportion (rounded down, as torchvision)."""
     height, width = batch.shape[-2:]
