@@ -311,3 +311,26 @@ def test_the_plain_oneshot_cut_is_the_fallback_when_the_rescored_cut_fails():
     assert first.probe and not first.accepted
     assert second.probe and second.accepted and set(second.units) == set(plain)
     assert result.stop_reason == TARGET_REACHED and set(result.removed) == set(plain)
+
+
+@pytest.mark.parametrize("round_to", [1, 4])
+@pytest.mark.parametrize(
+    "targets", [{"target_params": 0.3}, {"target_macs": 0.45}, {"target_params": 0.999}]
+)
+def test_the_oneshot_cut_is_the_shortest_prefix_of_blocks_that_reaches_the_target(
+    targets, round_to
+):
+    # oracle: walk the blocks one by one and stop at the first prefix that meets the target
+    config = ScheduleConfig(round_to=round_to, **targets)
+    order = [u.id for u in SPACE.units][::-1]
+    removed: list[int] = []
+    for block in make_blocks(SPACE, order, (), config):
+        params, macs = SPACE.params_after(removed), SPACE.macs_after(removed)
+        if params <= (1 - targets.get("target_params", 2)) * SPACE.params_total or (
+            macs <= (1 - targets.get("target_macs", 2)) * SPACE.macs_total
+        ):
+            break
+        removed.extend(block)
+    cut, reached = oneshot(SPACE, config, Ranking(order=tuple(order)))
+    assert cut == tuple(removed)
+    assert reached == (targets.get("target_params") != 0.999)

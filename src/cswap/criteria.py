@@ -49,28 +49,34 @@ CRITERIA = ("l1", "l2", "taylor", "bn_scale", "fpgm", "lrp", "random")
 NEEDS_DATA = ("taylor", "lrp")
 
 
-def _slice_values(module: nn.Module, side: str, indices: Sequence[int]) -> list[torch.Tensor]:
-    index = torch.tensor(list(indices), dtype=torch.long)
-    values = []
+def _index_sums(module: nn.Module, side: str, p: int) -> np.ndarray:
+    """Per index of the layer's ``side`` dimension: the sum of |value|^p of the weight slice
+    (and, on the out side, the bias entry) that index owns."""
     weight = getattr(module, "weight", None)
+    total = None
     if isinstance(weight, torch.Tensor):
         dim = 0 if side == "out" or weight.dim() == 1 else 1
-        values.append(weight.detach().index_select(dim, index.to(weight.device)))
+        values = weight.detach().double().abs().pow(p)
+        total = values.transpose(0, dim).reshape(values.shape[dim], -1).sum(1)
     bias = getattr(module, "bias", None)
     if side == "out" and isinstance(bias, torch.Tensor):
-        values.append(bias.detach().index_select(0, index.to(bias.device)))
-    return values
+        entries = bias.detach().double().abs().pow(p)
+        total = entries if total is None else total + entries
+    return np.zeros(0) if total is None else total.cpu().numpy()
 
 
 def magnitude_scores(model: nn.Module, space: UnitSpace, p: int = 1) -> np.ndarray:
     """Group L1 (p=1) or L2 (p=2) norm of every parameter slice a unit owns."""
     modules = dict(model.named_modules())
+    sums: dict[tuple[str, str], np.ndarray] = {}
     scores = np.zeros(len(space))
     for unit in space.units:
         total = 0.0
         for layer, side, indices in unit.slices:
-            for values in _slice_values(modules[layer], side, indices):
-                total += float(values.abs().pow(p).sum())
+            if (layer, side) not in sums:
+                sums[layer, side] = _index_sums(modules[layer], side, p)
+            if len(sums[layer, side]):
+                total += float(sums[layer, side][list(indices)].sum())
         scores[unit.id] = total ** (1.0 / p)
     return scores
 

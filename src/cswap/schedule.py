@@ -205,12 +205,22 @@ def oneshot(
     Per-group safety and round_to apply as in the progressive loop. The cut lands on the target
     within one block (one unit with round_to=1) of parameters.
     """
-    removed: list[int] = []
-    for block in make_blocks(space, ranking.order, (), config):
-        if target_reached(space, config, removed):
-            break
-        removed.extend(block)
-    return tuple(removed), target_reached(space, config, removed)
+    blocks = make_blocks(space, ranking.order, (), config)
+    starts = [0]
+    for block in blocks:
+        starts.append(starts[-1] + len(block))
+    units = [unit for block in blocks for unit in block]
+    # the cost after a removal only falls as units are added: the shortest prefix of blocks
+    # that reaches the target is found by bisection (log n cost evaluations, not n)
+    low, high = 0, len(blocks)
+    while low < high:
+        middle = (low + high) // 2
+        if target_reached(space, config, units[: starts[middle]]):
+            high = middle
+        else:
+            low = middle + 1
+    removed = tuple(units[: starts[low]])
+    return removed, target_reached(space, config, removed)
 
 
 def make_blocks(

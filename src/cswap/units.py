@@ -433,18 +433,18 @@ def _build_space(
             per_unit_dims.append((key, list(item.root_idxs)))
             item_slices.append((key, list(item.idxs), list(item.root_idxs)))
         first_id = len(units)
+        consumer_indices = [_by_root(item.idxs, item.root_idxs) for item in consumers]
+        slice_indices = [_by_root(idxs, roots) for _, idxs, roots in item_slices]
         for index in range(size):
             unit_id = first_id + index
             targets = []
-            for item in consumers:
+            for item, by_root in zip(consumers, consumer_indices, strict=True):
                 module = item.dep.target.module
-                pairs = zip(item.idxs, item.root_idxs, strict=True)
-                indices = tuple(i for i, root in pairs if root == index)
                 dim = 1 if isinstance(module, nn.Conv2d | nn.Conv1d) else -1
-                targets.append(MaskTarget(names[module], dim, indices))
+                targets.append(MaskTarget(names[module], dim, by_root.get(index, ())))
             slices = tuple(
-                (layer, side, tuple(i for i, r in zip(idxs, roots, strict=True) if r == index))
-                for (layer, side), idxs, roots in item_slices
+                (layer, side, by_root.get(index, ()))
+                for ((layer, side), _, _), by_root in zip(item_slices, slice_indices, strict=True)
             )
             units.append(
                 Unit(unit_id, group_id, index, kind, tuple(layers), 0, 0, tuple(targets), slices)
@@ -569,16 +569,19 @@ def _accounting_terms(model, names, dim_sizes, macs_per_module):
     return param_terms, mac_terms
 
 
+def _by_root(idxs, roots) -> dict[int, tuple[int, ...]]:
+    """Root index -> the dimension's indices it owns, in their order."""
+    owned: dict[int, list[int]] = defaultdict(list)
+    for i, root in zip(idxs, roots, strict=True):
+        owned[root].append(i)
+    return {root: tuple(values) for root, values in owned.items()}
+
+
 def _with_unit_costs(space: UnitSpace) -> UnitSpace:
     """Fill in each unit's own params / MACs (what removing it alone saves)."""
-    params_total = space.params_after(())
-    macs_total = space.macs_after(())
+    params, macs = space.savings(()), space.savings((), kind="macs")
     units = tuple(
-        replace(
-            unit,
-            params=params_total - space.params_after((unit.id,)),
-            macs=macs_total - space.macs_after((unit.id,)),
-        )
+        replace(unit, params=round(params[unit.id]), macs=round(macs[unit.id]))
         for unit in space.units
     )
     return UnitSpace(
