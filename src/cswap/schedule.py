@@ -206,20 +206,8 @@ def oneshot(
     within one block (one unit with round_to=1) of parameters.
     """
     blocks = make_blocks(space, ranking.order, (), config)
-    starts = [0]
-    for block in blocks:
-        starts.append(starts[-1] + len(block))
-    units = [unit for block in blocks for unit in block]
-    # the cost after a removal only falls as units are added: the shortest prefix of blocks
-    # that reaches the target is found by bisection (log n cost evaluations, not n)
-    low, high = 0, len(blocks)
-    while low < high:
-        middle = (low + high) // 2
-        if target_reached(space, config, units[: starts[middle]]):
-            high = middle
-        else:
-            low = middle + 1
-    removed = tuple(units[: starts[low]])
+    units, ends, count = _shortest_prefix(blocks, lambda r: target_reached(space, config, r))
+    removed = units[: ends[count]]
     return removed, target_reached(space, config, removed)
 
 
@@ -476,20 +464,27 @@ class _Prefixes:
 def _prefixes(space, config, blocks) -> _Prefixes:
     """The cumulative removals along ``blocks``, from nothing up to the one-shot cut (found by
     bisection: the parameters left only fall along the prefixes)."""
+    flat, ends, count = _shortest_prefix(blocks, lambda r: _done(space, config, r))
+    return _Prefixes(flat, tuple(ends[: count + 1]))
+
+
+def _shortest_prefix(blocks, reached) -> tuple[tuple[int, ...], list[int], int]:
+    """(the blocks' units in order, where each prefix of blocks ends, the fewest blocks whose
+    units satisfy ``reached``; all of them when none do). ``reached`` must be monotone along
+    the prefixes (the cost left only falls as units are added): bisection, log n calls."""
     flat: list[int] = []
     ends = [0]
     for block in blocks:
         flat.extend(block)
         ends.append(len(flat))
-
-    low, high = 0, len(ends) - 1  # the first prefix that is done lies in [low, high]
+    low, high = 0, len(ends) - 1
     while low < high:
         middle = (low + high) // 2
-        if _done(space, config, flat[: ends[middle]]):
+        if reached(flat[: ends[middle]]):
             high = middle
         else:
             low = middle + 1
-    return _Prefixes(tuple(flat), tuple(ends[: low + 1]))
+    return tuple(flat), ends, low
 
 
 def _past_milestone(space, config, removed) -> bool:
