@@ -416,20 +416,71 @@ def test_an_unexpected_error_is_one_line_unless_debug(monkeypatch):
     assert isinstance(debug.exception, ZeroDivisionError)
 
 
-def test_a_dependency_torch_pruning_cannot_follow_is_one_clear_error():
-    """torchvision's ShuffleNet-V2 (channel split, concat and shuffle) makes Torch-Pruning's
-    reshape index mapping divide by zero; that is one CswapError naming the cause and a fix."""
-    import torchvision
+class _ShuffleBlock(torch.nn.Module):
+    """ShuffleNet-V2's unit: split the channels, transform one half, concatenate, shuffle."""
 
+    def __init__(self, channels):
+        super().__init__()
+        half = channels // 2
+        self.branch = torch.nn.Sequential(
+            torch.nn.Conv2d(half, half, 1),
+            torch.nn.ReLU(),
+            torch.nn.Conv2d(half, half, 3, padding=1),
+        )
+
+    def forward(self, x):
+        kept, changed = x.chunk(2, dim=1)
+        x = torch.cat((kept, self.branch(changed)), dim=1)
+        b, c, h, w = x.shape
+        return x.view(b, 2, c // 2, h, w).transpose(1, 2).reshape(b, c, h, w)
+
+
+class _ShuffleNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.blocks = torch.nn.Sequential(_ShuffleBlock(8), _ShuffleBlock(8))
+        self.head = torch.nn.Conv2d(8, 16, 1)
+        self.fc = torch.nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.blocks(torch.relu(self.stem(x)))
+        return self.fc(torch.relu(self.head(x)).mean((2, 3)))
+
+
+def test_an_operation_torch_pruning_cannot_follow_costs_only_the_groups_across_it(monkeypatch):
+    """Torch-Pruning fails on ShuffleNet-V2's channel-shuffle reshape (ZeroDivisionError in its
+    reshape index mapping). Made to fail the same way here, the reshape is cut out of the graph:
+    the groups whose channels reach it (each block's last conv; the stem, through the
+    concatenation) are excluded with the reason; every other group is found, and removing
+    units from all of them at once equals masking them."""
+    from torch_pruning.dependency import index_mapping
+
+    from cswap.surgery import check_equivalence, prune_copy, verify_groups
     from cswap.units import discover_units
 
-    model = torchvision.models.shufflenet_v2_x0_5(num_classes=10).eval()
-    with pytest.raises(CswapError) as error:
-        discover_units(model, torch.randn(1, 3, 64, 64))
-    message = str(error.value)
-    assert "Torch-Pruning cannot follow this model's channel dependencies" in message
-    assert "ZeroDivisionError in its update_reshape_index_mapping" in message
-    assert "--ignore LAYER" in message
+    def fails(graph, node):  # as Torch-Pruning's: nothing to map without both neighbours
+        if node.inputs and node.outputs:
+            raise ZeroDivisionError("integer division or modulo by zero")
+
+    monkeypatch.setattr(index_mapping, "update_reshape_index_mapping", fails)
+    model, x = _ShuffleNet().eval(), torch.randn(2, 3, 8, 8)
+    space = discover_units(model, x)
+    # each block's last conv: nothing past the cut reads its channels any more
+    assert {g.root: g.reason for g in space.excluded} == {
+        f"blocks.{i}.branch.2": "no layer reads these channels (they reach the output "
+        "directly, or pass an operation the dependency graph cannot follow)"
+        for i in (0, 1)
+    }
+    # the stem reaches the cut through the concatenation: its removal cannot run
+    failed = verify_groups(model, space, x)
+    assert list(failed) == ["stem"] and failed["stem"].startswith("removing a unit fails")
+    space = discover_units(model, x, excluded_roots=failed)
+    assert [g.root for g in space.groups] == ["blocks.0.branch.0", "blocks.1.branch.0", "head"]
+    units = [unit for group in space.groups for unit in group.unit_ids[1::2]]
+    pruned = prune_copy(model, space, units, x)
+    assert check_equivalence(model, pruned, space, units, x) < 1e-5
+    assert pruned.head.out_channels == 8 and pruned.blocks[1].branch[0].out_channels == 2
 
 
 def test_band_options_out_of_range_are_one_clear_error():

@@ -36,12 +36,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
 import torch
-import torch_pruning as tp
 from torch import nn
 
 from cswap.errors import CswapError
 from cswap.timings import stage
-from cswap.units import UnitSpace
+from cswap.units import UnitSpace, dependency_graph
 
 log = logging.getLogger(__name__)
 MODES = ("none", "mean", "lstsq")
@@ -414,10 +413,7 @@ def fold(
                 sinks[layer] = "bias"
                 continue
             if graph is None:
-                with torch.enable_grad():  # Torch-Pruning traces through autograd
-                    graph = tp.DependencyGraph().build_dependency(
-                        model, example_input, verbose=False
-                    )
+                graph = dependency_graph(model, example_input)
             norm = _sole_batchnorm(graph, module)
             if norm is not None:
                 with torch.no_grad():

@@ -5,14 +5,13 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch_pruning as tp
 from torch import nn
 
 from cswap.adapters import find_head_sites
 from cswap.compensation import Compensation, fold
 from cswap.errors import CswapError, first_line
 from cswap.intervene import removed
-from cswap.units import UnitSpace
+from cswap.units import UnitSpace, dependency_graph
 
 
 class EquivalenceError(CswapError):
@@ -47,8 +46,7 @@ def apply_plan(
         channel_plan = {root: ix for root, ix in plan.items() if root not in sites}
         if not channel_plan:
             return model
-        with torch.enable_grad():  # Torch-Pruning traces through autograd
-            graph = tp.DependencyGraph().build_dependency(model, example_input, verbose=False)
+        graph = dependency_graph(model, example_input)
         for root, indices in channel_plan.items():
             module = modules[root]
             pruner = graph.get_pruner_of_module(module)

@@ -28,6 +28,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 from torch.utils import flop_counter
+from torch_pruning.dependency import index_mapping as tp_index_mapping
 
 from cswap.adapters import HeadSite, find_head_sites
 from cswap.errors import CswapError, first_line, running_model
@@ -342,29 +343,75 @@ def discover_units(
         ignored_modules = [
             module for name in (*protected, *ignored_layers) for module in by_name[name].modules()
         ]
-        graph, raw_groups = _dependency_groups(model, example_input, ignored_modules)
+        graph, raw_groups, ungrouped = _dependency_groups(model, example_input, ignored_modules)
         macs_per_module = _mac_per_module(model, example_input)
     finally:
         model.train(was_training)
     sites = [site for _, site in find_head_sites(model)]
-    return _build_space(
+    space = _build_space(
         model, graph, raw_groups, names, protected, macs_per_module, sites, excluded_roots or {}
     )
+    ungrouped = tuple(
+        ExcludedGroup(names[module], graph.get_out_channels(module), reason)
+        for module, reason in ungrouped.items()
+    )
+    return replace(space, excluded=space.excluded + ungrouped) if ungrouped else space
+
+
+def dependency_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyGraph:
+    """Torch-Pruning's dependency graph of ``model``, tolerant of operations whose channel index
+    mapping it cannot work out (e.g. the reshapes of a channel shuffle): such an operation is
+    cut out of the graph, so no group reaches across it. A group that needed to (its removal
+    no longer fits the layers behind the cut) then fails verification on a copy
+    (``cswap.surgery.verify_groups``) and is excluded with the reason; nothing is mis-coupled
+    silently. Every stage that builds the graph (discovery, surgery, compensation) builds it
+    here, so they all see the same groups."""
+    graph = tp.DependencyGraph()
+    with torch.enable_grad():  # Torch-Pruning traces through autograd
+        try:
+            graph.build_dependency(model, example_input, verbose=False)
+        except Exception:
+            if not getattr(graph, "module2node", None):
+                raise  # failed before the index mapping: nothing to recover
+            _tolerant_index_mapping(graph)
+    return graph
+
+
+def _tolerant_index_mapping(graph: tp.DependencyGraph) -> None:
+    """Torch-Pruning's index-mapping update, node by node; a node it fails on is cut out."""
+    updates = {
+        tp.ops.OPTYPE.CONCAT: tp_index_mapping.update_concat_index_mapping,
+        tp.ops.OPTYPE.SPLIT: tp_index_mapping.update_split_index_mapping,
+        tp.ops.OPTYPE.RESHAPE: tp_index_mapping.update_reshape_index_mapping,
+        tp.ops.OPTYPE.UNBIND: tp_index_mapping.update_unbind_index_mapping,
+        tp.ops.OPTYPE.EXPAND: tp_index_mapping.update_expand_index_mapping,
+        tp.ops.OPTYPE.SLICE: tp_index_mapping.update_slice_index_mapping,
+    }
+    for node in list(graph.module2node.values()):
+        update = updates.get(node.type)
+        if update is None:
+            continue
+        try:
+            update(graph, node)
+        except Exception:
+            _cut(node)
+
+
+def _cut(node) -> None:
+    """Remove ``node`` and every dependency through it from the graph."""
+    for neighbour in (*node.inputs, *node.outputs):
+        neighbour.inputs = [n for n in neighbour.inputs if n is not node]
+        neighbour.outputs = [n for n in neighbour.outputs if n is not node]
+        neighbour.dependencies = [d for d in neighbour.dependencies if d.target is not node]
+    node.inputs, node.outputs, node.dependencies = [], [], []
 
 
 def _dependency_groups(model: nn.Module, example_input: torch.Tensor, ignored_modules: list):
-    """Torch-Pruning's dependency graph and coupled groups; an operation it cannot follow
-    (e.g. the reshape of a channel shuffle) is one clear error, not a crash inside it."""
+    """Torch-Pruning's dependency graph, its coupled groups, and root layer -> why no group
+    could be formed from it. An operation the graph cannot follow (e.g. the reshape of a
+    channel shuffle) costs the groups that reach it, not the run."""
     try:
-        graph = tp.DependencyGraph().build_dependency(model, example_input, verbose=False)
-        raw_groups = list(
-            graph.get_all_groups(
-                ignored_layers=ignored_modules,
-                root_module_types=(nn.Conv2d, nn.Conv1d, nn.Linear),
-            )
-        )
-    except CswapError:
-        raise
+        graph = dependency_graph(model, example_input)
     except Exception as error:
         frames = [
             f for f in traceback.extract_tb(error.__traceback__) if "torch_pruning" in f.filename
@@ -377,7 +424,43 @@ def _dependency_groups(model: nn.Module, example_input: torch.Tensor, ignored_mo
             "exclude the blocks around that operation with --ignore LAYER (ignored_layers=...), "
             "or prune another architecture; please report this one.",
         ) from error
-    return graph, raw_groups
+    raw_groups, failed = _all_groups(graph, ignored_modules)
+    return graph, raw_groups, failed
+
+
+def _all_groups(graph: tp.DependencyGraph, ignored_modules: list):
+    """Every group rooted at a conv / linear layer's output channels (as Torch-Pruning's
+    ``get_all_groups``), with a root the graph fails on recorded (root module -> why) instead
+    of ending the search."""
+    ignored = set(map(id, [*ignored_modules, *graph.IGNORED_LAYERS_IN_TRACING]))
+    covered: set[int] = set()
+    groups, failed = [], {}
+    for module in list(graph.module2node):
+        if id(module) in ignored or id(module) in covered:
+            continue
+        if not isinstance(module, nn.Conv2d | nn.Conv1d | nn.Linear):
+            continue
+        pruner = graph.get_pruner_of_module(module)
+        channels = pruner.get_out_channels(module) if pruner is not None else None
+        if channels is None:
+            continue
+        try:
+            group = graph.get_pruning_group(
+                module, pruner.prune_out_channels, list(range(channels))
+            )
+        except Exception as error:  # Torch-Pruning's failure names the cause
+            failed[module] = (
+                f"Torch-Pruning cannot group its channels ({type(error).__name__}: "
+                f"{first_line(error)[:80]})"
+            )
+            continue
+        outputs = [
+            dep.target.module for dep, _ in group if graph.is_out_channel_pruning_fn(dep.handler)
+        ]
+        covered.update(map(id, outputs))
+        if not any(id(m) in ignored for m in outputs):
+            groups.append(group)
+    return groups, failed
 
 
 def _build_space(
@@ -534,7 +617,10 @@ def _exclusion_reason(graph, raw, names) -> str | None:
         elif not isinstance(module, _PER_CHANNEL_NORMS):
             return f"consumer {names[module]} ({type(module).__name__}) cannot be masked"
     if not has_consumer:
-        return "no layer reads these channels (they reach the output directly)"
+        return (
+            "no layer reads these channels (they reach the output directly, or pass an "
+            "operation the dependency graph cannot follow)"
+        )
     return None
 
 
