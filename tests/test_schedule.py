@@ -259,11 +259,11 @@ def test_savings_are_the_marginal_cost_of_each_unit_on_the_current_model(kind):
     assert any(saved != pytest.approx(alone[unit]) for unit, saved in savings.items())
 
 
-def _flipping_ranker(calls, validations):
+def _flipping_ranker(calls, validations, kind="params"):
     """Natural order at the first ranking, reversed at the next, and so on."""
 
     def rank(removed):
-        calls.append((SPACE.params_after(removed), len(validations)))
+        calls.append((SPACE.cost_after(removed, kind), len(validations)))
         gone = set(removed)
         order = [u.id for u in SPACE.units if u.id not in gone]
         return Ranking(order=tuple(order if len(calls) % 2 else order[::-1]))
@@ -291,6 +291,24 @@ def test_the_start_rescores_along_its_cut_before_validating():
     natural = Ranking(order=tuple(u.id for u in SPACE.units))
     plain, _ = oneshot(SPACE, config, natural)
     assert set(result.removed) != set(plain)  # the cut followed the re-ranked orders
+
+
+def test_a_mac_target_rescores_every_tenth_of_the_macs():
+    calls, validations = [], []
+
+    def validate(removed, threshold=None):
+        validations.append(removed)
+        return Validation(0.9, 0.001, 1000)
+
+    config = ScheduleConfig(target_macs=0.35, rescore_every=0.1)
+    assert config.cost_kind == "macs"
+    ranker = _flipping_ranker(calls, validations, kind="macs")
+    result = run_schedule(SPACE, config, ranker, validate, baseline=BASELINE)
+    assert result.stop_reason == TARGET_REACHED and len(result.steps) == 1
+    before = [macs for macs, seen in calls if seen == 0]
+    assert len(before) == 3  # at 0, then after >= 10% and >= 20% of the MACs (target: 35%)
+    for earlier, later in itertools.pairwise(before):
+        assert earlier - later >= 0.1 * SPACE.macs_total
 
 
 def test_the_plain_oneshot_cut_is_the_fallback_when_the_rescored_cut_fails():

@@ -268,7 +268,7 @@ def prune(
     validate = prepared.validator(
         compensation, prefix_reuse=opts.prefix_reuse, budget_mb=opts.memory_budget_mb
     )
-    cost_kind = "macs" if target_params is None else "params"
+    cost_kind = schedule_config.cost_kind
     shard_dir = Path(checkpoint_dir) / SHARDS if checkpoint_dir is not None else None
     if shard_dir is not None and not resume:  # shards of an earlier run must not be reused
         shutil.rmtree(shard_dir, ignore_errors=True)

@@ -6,8 +6,9 @@
    have no estimate; fit the estimate's per-group scale and its error to them (their means on
    the first stage's subsample, see 3).
 3. Score exactly every unit whose estimated damage per cost is within exp(z * sd) of where the
-   next ``horizon`` of the parameters ends; the rest keep the scaled estimate. Exactly, in two
-   stages: first on a stratified subsample of the images; a unit whose subsample mean is more
+   next ``horizon`` of the cost (parameters, or MACs for a MAC target) ends; the rest keep the
+   scaled estimate. Exactly, in two stages: first on a stratified subsample of the images; a
+   unit whose subsample mean is more
    than z of its standard errors from the (re-placed) edge keeps that mean; the others are
    scored on the remaining images too, which makes their effects those of one full pass.
 4. Categorize the fully scored units (the paper's test, unchanged) and add the others with
@@ -75,9 +76,9 @@ def banded_categorization(
     progress: Callable[[float], None] | None = None,
 ) -> BandedRound:
     """The round's categorization with exact scoring inside the band only; ``horizon``: the
-    parameters (absolute) the schedule cuts before it ranks again; ``score(units=..., images=...,
-    labels=...)`` scores exactly (its model and scoring options bound by the caller);
-    ``images``, ``labels``: the calibration data."""
+    cost (absolute, in ``cost_kind``) the schedule cuts before it ranks again;
+    ``score(units=..., images=..., labels=...)`` scores exactly (its model and scoring options
+    bound by the caller); ``images``, ``labels``: the calibration data."""
     removed = sorted(set(already_removed))
     units = remaining_units(space, removed)
     if compensation is not None:
@@ -122,10 +123,11 @@ class _Edge:
     horizon: float
 
     def band(self, values: dict[int, float], spread, limit: int = 0) -> set[int]:
+        costs = self.space.savings(self.removed, self.cost_kind)
         return exact_band(
             values,
-            self.space.savings(self.removed, self.cost_kind),
-            self.space.savings(self.removed, "params"),
+            costs,
+            costs,  # the horizon is counted in the same currency
             self.horizon,
             spread,
             limit,

@@ -62,7 +62,7 @@ class Checkpoint:
                 "failed": list(state.failed),
                 "steps": [step.to_dict() for step in state.steps],
                 "chunk_params": state.chunk_params,
-                "params_at_last_ranking": state.params_at_last_ranking,
+                "cost_at_last_ranking": state.cost_at_last_ranking,
                 "consecutive_failures": state.consecutive_failures,
                 "block_limit": state.block_limit,
             },
@@ -135,7 +135,7 @@ class Checkpoint:
             failed=tuple(raw["failed"]),
             steps=steps,
             chunk_params=raw["chunk_params"],
-            params_at_last_ranking=raw["params_at_last_ranking"],
+            cost_at_last_ranking=raw["cost_at_last_ranking"],
             consecutive_failures=raw["consecutive_failures"],
             block_limit=raw["block_limit"],
         )

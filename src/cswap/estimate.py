@@ -240,9 +240,10 @@ def exact_band(
     limit: int = 0,
 ) -> set[int]:
     """Units whose estimated damage per cost lies within a factor ``spread`` (exp(z * sd)) of
-    the point where the cheapest ``horizon`` parameters (by ``params``, what each unit's removal
-    saves) end, in the order of the estimate divided by ``per_cost``: on either side, so a unit
-    far below the edge is cut on its estimate. Every unit when the horizon is not reached.
+    the point where the cheapest ``horizon`` of the cost (by ``params``, what each unit's removal
+    saves in the horizon's currency: parameters or MACs) ends, in the order of the estimate
+    divided by ``per_cost``: on either side, so a unit far below the edge is cut on its
+    estimate. Every unit when the horizon is not reached.
     ``spread`` per unit (a dict): only the units it names can be inside, each with its own
     factor; the others still place the edge. ``limit`` > 0: only that many, the closest to the
     edge (by the ratio of keys)."""

@@ -73,6 +73,12 @@ class ScheduleConfig:
     # model at each one); the run still stops only at the target
     milestones: tuple[float, ...] = ()
 
+    @property
+    def cost_kind(self) -> str:
+        """The currency of the target, in which units are ranked per cost and ``rescore_every``
+        is counted: MACs when the only target is MACs, else parameters."""
+        return "macs" if self.target_params is None and self.target_macs is not None else "params"
+
     def __post_init__(self) -> None:
         if self.target_params is None and self.target_macs is None:
             raise CswapError(
@@ -146,7 +152,7 @@ class ScheduleState:
     failed: tuple[int, ...] = ()
     steps: tuple[Step, ...] = ()
     chunk_params: float = 0.0
-    params_at_last_ranking: int = 0
+    cost_at_last_ranking: int = 0  # params or MACs left (config.cost_kind)
     consecutive_failures: int = 0
     block_limit: int = 0  # after a rejection: the retry takes at most this many blocks (0: any)
 
@@ -257,7 +263,8 @@ def run_schedule(
     """Remove units progressively until the target, the candidates or the tolerance runs out."""
     prunable = max(1, space.prunable_params)
     state = state or ScheduleState(
-        chunk_params=config.initial_chunk * prunable, params_at_last_ranking=space.params_total
+        chunk_params=config.initial_chunk * prunable,
+        cost_at_last_ranking=space.cost_total(config.cost_kind),
     )
     threshold = baseline.accuracy - config.tolerance
     ranking = rank(state.removed)
@@ -302,11 +309,13 @@ def run_schedule(
                 consecutive_failures=0,
                 block_limit=0,
             )
-            removed_params = state.params_at_last_ranking - space.params_after(state.removed)
+            kind = config.cost_kind
+            cost = space.cost_after(state.removed, kind)
             remaining = _fresh_blocks(space, ranking, state, config)
-            if removed_params >= config.rescore_every * space.params_total and remaining:
+            since = state.cost_at_last_ranking - cost
+            if since >= config.rescore_every * space.cost_total(kind) and remaining:
                 new_ranking = ranking = rank(state.removed)
-                state = replace(state, params_at_last_ranking=space.params_after(state.removed))
+                state = replace(state, cost_at_last_ranking=cost)
                 step = replace(step, rescored_after=True)
         elif len(chunk_blocks) == 1:
             state = replace(
@@ -416,7 +425,7 @@ def _accept_start(space, config, rank, state, units, ranking, first, on_step):
     state = replace(
         state,
         steps=(*state.steps[:-1], step),
-        params_at_last_ranking=space.params_after(units),
+        cost_at_last_ranking=space.cost_after(units, config.cost_kind),
     )
     if on_step is not None:
         on_step(state, step, ranking)
@@ -425,16 +434,18 @@ def _accept_start(space, config, rank, state, units, ranking, first, on_step):
 
 def _rescored_path(space, config, rank, ranking, state):
     """Prefixes of a removal order built without validation: cut ``rescore_every`` of the
-    parameters along the current ranking, re-rank on the cut model, cut again, up to the
-    target. Returns the prefixes (block boundaries) and the ranking valid at the end."""
+    parameters (MACs for a MAC target) along the current ranking, re-rank on the cut model, cut
+    again, up to the target. Returns the prefixes (block boundaries) and the ranking valid at
+    the end."""
     units: list[int] = []
     ends = [0]
     while True:
         current = replace(state, removed=tuple(units))
         blocks = _fresh_blocks(space, ranking, current, config)
-        goal = space.params_after(units) - config.rescore_every * space.params_total
+        kind = config.cost_kind
+        goal = space.cost_after(units, kind) - config.rescore_every * space.cost_total(kind)
         for block in blocks:
-            if space.params_after(units) <= goal or _done(space, config, units):
+            if space.cost_after(units, kind) <= goal or _done(space, config, units):
                 break
             units.extend(block)
             ends.append(len(units))

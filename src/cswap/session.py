@@ -426,7 +426,7 @@ class CausalRanker:
         self.compensation = compensation
         self.rank_config = options.rank_config(allow_critical)
         self.cost_kind = cost_kind
-        # the fraction of the parameters cut from one ranking (progressive: rescore_every); with
+        # the fraction of the cost cut from one ranking (progressive: rescore_every); with
         # it, a round scores exactly only the units near that cut (cswap.banded)
         self.horizon = horizon
         self.rounds: list[tuple[int, Categorization]] = []  # (units removed before, result)
@@ -459,7 +459,7 @@ class CausalRanker:
                     images=prepared.calibration_images,
                     labels=prepared.calibration_labels,
                     device=prepared.device,
-                    horizon=self.horizon * prepared.space.params_total,
+                    horizon=self.horizon * prepared.space.cost_total(self.cost_kind),
                     cost_kind=self.cost_kind,
                     band=self.options.band_config(),
                     category_config=self.options.category_config(),
@@ -791,7 +791,7 @@ def run_progressive(
         # the first scoring is the expensive part: keep it even if no step is ever accepted
         initial = ScheduleState(
             chunk_params=schedule_config.initial_chunk * max(1, space.prunable_params),
-            params_at_last_ranking=space.params_total,
+            cost_at_last_ranking=space.cost_total(schedule_config.cost_kind),
         )
         checkpoint.save(initial, first_ranking, ranker.rounds, ranker.round_notes)
         state = initial

@@ -178,6 +178,13 @@ class UnitSpace:
         fixed = self.macs_total - sum(term.amount for term in self.mac_terms)
         return self._total(self.mac_terms, fixed, removed)
 
+    def cost_after(self, removed: Iterable[int], kind: str = "params") -> int:
+        """``params_after`` or ``macs_after``, by ``kind``."""
+        return self.params_after(removed) if kind == "params" else self.macs_after(removed)
+
+    def cost_total(self, kind: str = "params") -> int:
+        return self.params_total if kind == "params" else self.macs_total
+
     def removal_plan(self, removed: Iterable[int]) -> dict[str, list[int]]:
         """Root layer name -> original indices to remove, for surgery and for the saved spec."""
         plan: dict[str, list[int]] = defaultdict(list)
