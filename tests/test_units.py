@@ -213,3 +213,40 @@ def test_running_out_of_memory_while_verifying_is_one_error_not_excluded_groups(
     monkeypatch.setattr(surgery, "prune_copy", no_room)
     with pytest.raises(CswapError, match="Out of memory while removing units from a copy"):
         surgery.verify_groups(model, space, example)
+
+
+def test_equivalence_is_judged_on_the_output_scale():
+    """A random-init Inception-v3 outputs ~1e8: float error of a millionth of that scale on an
+    output near zero fails an elementwise tolerance, yet it is no mis-coupling; a wrong removal
+    (differences on the output's own scale) must still fail."""
+
+    class Perturbed(torch.nn.Module):  # the pruned model plus float-error-sized noise
+        def __init__(self, inner, amount):
+            super().__init__()
+            self.inner, self.amount = inner, amount
+
+        def forward(self, x):
+            out = self.inner(x).clone()
+            out[:, 0] += self.amount  # class 0's logit is exactly 0 (below)
+            return out
+
+    model = randomize_batchnorm(TinyNet().eval())
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Conv2d | torch.nn.Linear):
+                module.weight.mul_(300.0)
+        last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+        last.weight[0].zero_()
+        last.bias[0].zero_()
+    x = torch.randn(2, 1, 14, 14)
+    space = discover_units(model, x[:1])
+    pruned = prune_copy(model, space, [0, 1], x[:1])
+    with torch.no_grad():
+        scale = float(model(x).abs().max())
+    assert scale > 1e6
+    noisy = Perturbed(pruned, 1e-6 * scale)
+    assert check_equivalence(model, noisy, space, [0, 1], x) == pytest.approx(1e-6 * scale, rel=0.1)
+    with pytest.raises(EquivalenceError, match="mis-coupled"):
+        check_equivalence(model, Perturbed(pruned, 1e-3 * scale), space, [0, 1], x)
+    with pytest.raises(EquivalenceError, match="mis-coupled"):
+        check_equivalence(model, pruned, space, [0, 2], x)

@@ -157,7 +157,11 @@ def check_equivalence(
         model.train(model_mode)
         pruned.train(pruned_mode)
     difference = float((expected - actual).abs().max())
-    if not torch.allclose(expected, actual, rtol=rtol, atol=atol):
+    # relative to the output's scale, not element by element: float error grows with the
+    # magnitudes inside the network (a random-init Inception-v3 outputs ~1e8), and a
+    # mis-coupled removal changes outputs on the scale of the output itself
+    scale = float(expected.abs().max()) if expected.numel() else 0.0
+    if not difference <= atol + rtol * scale:
         raise EquivalenceError(
             f"The physically pruned model differs from the masked model (max |diff| "
             f"{difference:.3g}): the dependency graph mis-coupled a removal.",

@@ -29,6 +29,7 @@ import torch_pruning as tp
 from torch import nn
 from torch.utils import flop_counter
 from torch_pruning.dependency import index_mapping as tp_index_mapping
+from torch_pruning.dependency import shape_infer as tp_shape_infer
 
 from cswap.adapters import HeadSite, find_head_sites
 from cswap.errors import CswapError, first_line, running_model
@@ -381,7 +382,24 @@ def dependency_graph(model: nn.Module, example_input: torch.Tensor) -> tp.Depend
             if not getattr(graph, "module2node", None):
                 raise  # failed before the index mapping: nothing to recover
             _tolerant_index_mapping(graph)
+    for node in list(graph.module2node.values()):
+        if node.type == tp.ops.OPTYPE.RESHAPE and _channels_not_in_dim_1(graph, node):
+            _cut(node)
     return graph
+
+
+def _channels_not_in_dim_1(graph: tp.DependencyGraph, node) -> bool:
+    """A reshape of a 4-D tensor whose dimension 1 is not the channel count the graph tracks:
+    a channels-last tensor (Swin's and MaxViT's window partitions), which Torch-Pruning maps
+    as if dimension 1 were the channels (wrong couplings, and index lists that explode)."""
+    sizes = getattr(node.grad_fn, "_saved_self_sym_sizes", None)
+    if sizes is None or len(sizes) != 4:
+        return False
+    for producer in node.inputs:
+        channels = tp_shape_infer.infer_out_channels_recursively(graph, producer, [0])
+        if channels is not None:
+            return int(sizes[1]) != channels
+    return False
 
 
 def _tolerant_index_mapping(graph: tp.DependencyGraph) -> None:
