@@ -11,7 +11,7 @@ from cswap.errors import CswapError
 from cswap.intervene import hook_count, removed
 from cswap.measure import count_macs, count_params
 from cswap.models import load_model
-from cswap.surgery import EquivalenceError, check_equivalence, prune_copy
+from cswap.surgery import EquivalenceError, check_equivalence, prune_copy, verify_groups
 from cswap.units import classifier_layers, discover_units
 from cswap.zoo.registry import ZOO
 from cswap.zoo.store import build
@@ -250,3 +250,37 @@ def test_equivalence_is_judged_on_the_output_scale():
         check_equivalence(model, Perturbed(pruned, 1e-3 * scale), space, [0, 1], x)
     with pytest.raises(EquivalenceError, match="mis-coupled"):
         check_equivalence(model, pruned, space, [0, 2], x)
+
+
+def test_a_channels_last_swin_groups_its_mlp_neurons_and_skips_its_residual_stream():
+    """torchvision's Swin keeps channels last and partitions windows with views and slices that
+    Torch-Pruning maps as if dimension 1 were the channels (its grouping of the residual stream
+    ran out of memory on Swin-T). Those operations are cut out of the graph; the residual
+    stream, normalised across channels, is excluded before grouping; the MLPs' hidden neurons
+    are the units, and removing them equals masking them."""
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    torch.manual_seed(0)
+    model = SwinTransformer(
+        patch_size=[4, 4],
+        embed_dim=16,
+        depths=[1, 1, 1],
+        num_heads=[2, 2, 2],
+        window_size=[4, 4],
+        num_classes=10,
+    ).eval()
+    x = torch.randn(2, 3, 32, 32)
+    space = discover_units(model, x[:1])
+    assert [(g.root, g.size) for g in space.groups] == [
+        ("features.1.0.mlp.0", 64),
+        ("features.3.0.mlp.0", 128),
+        ("features.5.0.mlp.0", 256),
+    ]
+    assert space.excluded and all(
+        "normalises across channels" in group.reason for group in space.excluded
+    )
+    assert verify_groups(model, space, x[:1]) == {}
+    units = [unit for group in space.groups for unit in group.unit_ids[1::2]]
+    pruned = prune_copy(model, space, units, x[:1])
+    assert check_equivalence(model, pruned, space, units, x) < 1e-5
+    assert pruned.features[5][0].mlp[0].out_features == 128

@@ -18,6 +18,7 @@ norms; checked against the physically pruned model by the tests).
 
 from __future__ import annotations
 
+import math
 import traceback
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -28,6 +29,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 from torch.utils import flop_counter
+from torch_pruning.dependency import constants as tp_constants
 from torch_pruning.dependency import index_mapping as tp_index_mapping
 from torch_pruning.dependency import shape_infer as tp_shape_infer
 
@@ -383,23 +385,63 @@ def dependency_graph(model: nn.Module, example_input: torch.Tensor) -> tp.Depend
                 raise  # failed before the index mapping: nothing to recover
             _tolerant_index_mapping(graph)
     for node in list(graph.module2node.values()):
-        if node.type == tp.ops.OPTYPE.RESHAPE and _channels_not_in_dim_1(graph, node):
-            _cut(node)
+        kinds = (tp.ops.OPTYPE.RESHAPE, tp.ops.OPTYPE.SLICE)
+        if node.type in kinds and _mapped_off_the_channels(graph, node):
+            _cut(node, unlink=False)
     return graph
 
 
-def _channels_not_in_dim_1(graph: tp.DependencyGraph, node) -> bool:
-    """A reshape of a 4-D tensor whose dimension 1 is not the channel count the graph tracks:
-    a channels-last tensor (Swin's and MaxViT's window partitions), which Torch-Pruning maps
-    as if dimension 1 were the channels (wrong couplings, and index lists that explode)."""
+def _mapped_off_the_channels(graph: tp.DependencyGraph, node) -> bool:
+    """A reshape or slice that Torch-Pruning maps although it does not act on the channels of a
+    (batch, channels, ...) tensor: the attention logits' (windows, heads, tokens, tokens) view,
+    the window partitions and patch merging of channels-last tensors (Swin, MaxViT). There its
+    mapping couples the wrong indices and its index lists multiply until memory runs out. A
+    flatten of (batch, channels, ...) into channels x positions features is kept."""
+    placeholder = tp_constants.INDEX_MAPPING_PLACEHOLDER
+    deps = [dep for neighbour in (node, *node.inputs) for dep in neighbour.dependencies]
+    mapped = any(
+        m is not placeholder
+        for dep in deps
+        if dep.source is node or dep.target is node
+        for m in dep.index_mapping
+    )
     sizes = getattr(node.grad_fn, "_saved_self_sym_sizes", None)
-    if sizes is None or len(sizes) != 4:
+    if not mapped or sizes is None or len(sizes) < 2:
         return False
-    for producer in node.inputs:
-        channels = tp_shape_infer.infer_out_channels_recursively(graph, producer, [0])
+    sizes = [int(size) for size in sizes]
+    channels = _traced_channels(graph, node.inputs, tp_shape_infer.infer_out_channels_recursively)
+    if channels is not None and sizes[1] != channels:
+        return True
+    if node.type != tp.ops.OPTYPE.RESHAPE:
+        return False
+    features = _traced_channels(graph, node.outputs, tp_shape_infer.infer_in_channels_recursively)
+    return features is not None and features not in (sizes[1], math.prod(sizes[1:]))
+
+
+def _next_mixing_norm(graph: tp.DependencyGraph, module: nn.Module) -> nn.Module | None:
+    """A normalization over channels (LayerNorm, GroupNorm) that ``module``'s output reaches
+    before any other conv or linear layer reads it (a residual stream, through adds, concats,
+    reshapes): every group through it is excluded, and on channels-last transformers (Swin)
+    Torch-Pruning's grouping of such a stream can exhaust the memory, so it is not tried."""
+    stack, seen = list(graph.module2node[module].outputs), set()
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node.module, _MIXING_NORMS):
+            return node.module
+        if not isinstance(node.module, nn.Conv1d | nn.Conv2d | nn.Linear):
+            stack.extend(node.outputs)
+    return None
+
+
+def _traced_channels(graph, nodes, infer) -> int | None:
+    for neighbour in nodes:
+        channels = infer(graph, neighbour, [0])
         if channels is not None:
-            return int(sizes[1]) != channels
-    return False
+            return channels
+    return None
 
 
 def _tolerant_index_mapping(graph: tp.DependencyGraph) -> None:
@@ -422,13 +464,18 @@ def _tolerant_index_mapping(graph: tp.DependencyGraph) -> None:
             _cut(node)
 
 
-def _cut(node) -> None:
-    """Remove ``node`` and every dependency through it from the graph."""
+def _cut(node, *, unlink: bool = True) -> None:
+    """Remove every dependency through ``node``, so no group reaches across it; ``unlink``: its
+    edges too (Torch-Pruning then has nothing to map there when it updates the mappings again,
+    as it does for every group). Without, the traced data flow stays visible."""
     for neighbour in (*node.inputs, *node.outputs):
-        neighbour.inputs = [n for n in neighbour.inputs if n is not node]
-        neighbour.outputs = [n for n in neighbour.outputs if n is not node]
         neighbour.dependencies = [d for d in neighbour.dependencies if d.target is not node]
-    node.inputs, node.outputs, node.dependencies = [], [], []
+        if unlink:
+            neighbour.inputs = [n for n in neighbour.inputs if n is not node]
+            neighbour.outputs = [n for n in neighbour.outputs if n is not node]
+    node.dependencies = []
+    if unlink:
+        node.inputs, node.outputs = [], []
 
 
 def _dependency_groups(model: nn.Module, example_input: torch.Tensor, ignored_modules: list):
@@ -449,11 +496,11 @@ def _dependency_groups(model: nn.Module, example_input: torch.Tensor, ignored_mo
             "exclude the blocks around that operation with --ignore LAYER (ignored_layers=...), "
             "or prune another architecture; please report this one.",
         ) from error
-    raw_groups, failed = _all_groups(graph, ignored_modules)
+    raw_groups, failed = _all_groups(graph, ignored_modules, module_names(model))
     return graph, raw_groups, failed
 
 
-def _all_groups(graph: tp.DependencyGraph, ignored_modules: list):
+def _all_groups(graph: tp.DependencyGraph, ignored_modules: list, names: dict):
     """Every group rooted at a conv / linear layer's output channels (as Torch-Pruning's
     ``get_all_groups``), with a root the graph fails on recorded (root module -> why) instead
     of ending the search."""
@@ -468,6 +515,12 @@ def _all_groups(graph: tp.DependencyGraph, ignored_modules: list):
         pruner = graph.get_pruner_of_module(module)
         channels = pruner.get_out_channels(module) if pruner is not None else None
         if channels is None:
+            continue
+        norm = _next_mixing_norm(graph, module)
+        if norm is not None:  # its group would be excluded for the norm: skip the grouping
+            failed[module] = (
+                f"{names[norm]} normalises across channels; masking is not removal there"
+            )
             continue
         try:
             group = graph.get_pruning_group(
