@@ -483,6 +483,33 @@ def test_an_operation_torch_pruning_cannot_follow_costs_only_the_groups_across_i
     assert pruned.head.out_channels == 8 and pruned.blocks[1].branch[0].out_channels == 2
 
 
+def test_verification_in_slices_on_shared_tensors_finds_the_same_failures(monkeypatch):
+    """Large models are verified slice by slice on copies that share the untouched tensors: the
+    failures found are those of one copy of everything, and the model is left as it was."""
+    from torch_pruning.dependency import index_mapping
+
+    from cswap.surgery import shared_copy, verify_groups
+    from cswap.units import discover_units
+
+    def fails(graph, node):  # the channel shuffle, as in the test above
+        if node.inputs and node.outputs:
+            raise ZeroDivisionError("integer division or modulo by zero")
+
+    monkeypatch.setattr(index_mapping, "update_reshape_index_mapping", fails)
+    model = _ShuffleNet().eval()
+    x = torch.randn(2, 3, 8, 8)
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    space = discover_units(model, x)
+    whole = verify_groups(model, space, x)
+    for budget in (1, 200):  # one group per slice; a few groups per slice
+        assert verify_groups(model, space, x, slice_params=budget) == whole
+    assert list(whole) == ["stem"]
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
+    copied = shared_copy(model)
+    assert copied.head.weight is model.head.weight and copied.head is not model.head
+
+
 def test_band_options_out_of_range_are_one_clear_error():
     from cswap.session import make_options
 

@@ -84,13 +84,21 @@ def prune_copy(
 
 
 def verify_groups(
-    model: nn.Module, space: UnitSpace, example_input: torch.Tensor
+    model: nn.Module,
+    space: UnitSpace,
+    example_input: torch.Tensor,
+    *,
+    slice_params: int | None = None,
 ) -> dict[str, str]:
     """Root layer -> why its group fails, for every group whose unit cannot be removed
-    physically as it is masked: one unit of every group is removed from one copy at once (one
-    surgery when all pass); a failure is bisected down to the groups that cause it."""
+    physically as it is masked: one unit of every group is removed at once from a copy that
+    shares the untouched tensors with ``model`` (one surgery when all pass; on a large model,
+    one per slice of groups whose layers hold at most ``slice_params``, by default an eighth of
+    its parameters or 16M); a failure is bisected down to the groups that cause it."""
     failed: dict[str, str] = {}
-    pending = [list(space.groups)]
+    total = sum(p.numel() for p in model.parameters())
+    budget = slice_params if slice_params is not None else max(16_000_000, total // 8)
+    pending = _memory_slices(model, list(space.groups), budget)
     while pending:
         groups = pending.pop()
         reason = _removal_failure(model, space, [g.unit_ids[0] for g in groups], example_input)
@@ -104,10 +112,43 @@ def verify_groups(
     return failed
 
 
+def _memory_slices(model: nn.Module, groups: list, budget: int) -> list[list]:
+    """``groups`` in consecutive slices whose layers hold at most ``budget`` parameters (a
+    group larger than that alone): removing units copies only the tensors it changes."""
+    modules = dict(model.named_modules())
+
+    def size(layer: str) -> int:
+        return sum(t.numel() for t in modules[layer].parameters(recurse=False))
+
+    slices: list[list] = [[]]
+    held = 0
+    for group in groups:
+        cost = sum(size(layer) for layer in group.layers if layer in modules)
+        if slices[-1] and held + cost > budget:
+            slices.append([])
+            held = 0
+        slices[-1].append(group)
+        held += cost
+    return [chunk for chunk in slices if chunk]
+
+
+def shared_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model``'s modules that shares its parameters and buffers: surgery replaces
+    the tensors it prunes (Torch-Pruning never writes into them), so the copy costs only what
+    it changes. Verification checks ``model``'s tensors' version counters afterwards."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return copy.deepcopy(model, memo={id(t): t for t in tensors})
+
+
+def _versions(model: nn.Module) -> list[int]:
+    return [t._version for t in (*model.parameters(), *model.buffers())]
+
+
 def _removal_failure(model, space, units, example_input) -> str | None:
     """Why removing ``units`` from a copy fails or differs from masking them; None if not."""
+    before = _versions(model)
     try:
-        pruned = prune_copy(model, space, units, example_input)
+        pruned = apply_plan(shared_copy(model), space.removal_plan(units), example_input)
         check_equivalence(model, pruned, space, units, example_input)
     except EquivalenceError as error:
         return f"removing a unit is not what masking it computes ({first_line(error)})"
@@ -119,6 +160,9 @@ def _removal_failure(model, space, units, example_input) -> str | None:
                 "free memory or use a machine with about twice the model's size to spare.",
             ) from error
         return f"removing a unit fails ({type(error).__name__}: {first_line(error)})"
+    finally:
+        if _versions(model) != before:  # the shared tensors were written: never go on
+            raise RuntimeError("Verification changed the model's tensors in place: a bug.")
     return None
 
 
