@@ -210,7 +210,7 @@ def test_running_out_of_memory_while_verifying_is_one_error_not_excluded_groups(
             "[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate"
         )
 
-    monkeypatch.setattr(surgery, "prune_copy", no_room)
+    monkeypatch.setattr(surgery, "apply_plan", no_room)
     with pytest.raises(CswapError, match="Out of memory while removing units from a copy"):
         surgery.verify_groups(model, space, example)
 
