@@ -93,8 +93,8 @@ def run_one(name: str, memory_gb: float, timeout: float) -> dict:
 def markdown(rows: list[dict]) -> str:
     lines = [
         "| architecture | result | units | params removed | excluded groups (why) "
-        "| peak RSS GB | seconds |",
-        "|---|---|---|---|---|---|---|",
+        "| peak RSS GB | seconds | code |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         excluded = "; ".join(row.get("excluded", [])) or "-"
@@ -103,7 +103,7 @@ def markdown(rows: list[dict]) -> str:
         lines.append(
             f"| {row['model']} | {result.replace('|', '/')} | {row.get('units', '-')} | "
             f"{row.get('params_reduction', '-')} | {excluded.replace('|', '/')[:300]} | "
-            f"{row.get('peak_rss_gb', '-')} | {row['seconds']} |"
+            f"{row.get('peak_rss_gb', '-')} | {row['seconds']} | {row.get('commit', '-')} |"
         )
     return "\n".join(lines)
 
@@ -117,14 +117,25 @@ def main() -> None:
     parser.add_argument("--memory-gb", type=float, default=12.0)
     parser.add_argument("--timeout", type=float, default=300.0)
     parser.add_argument("--models", default="", help="comma list (default: every one)")
+    parser.add_argument(
+        "--merge", action="store_true", help="keep --out's rows of models not run this time"
+    )
     args = parser.parse_args()
     names = [m for m in args.models.split(",") if m] or sorted(
         torchvision.models.list_models(module=torchvision.models)
     )
-    rows = []
+    kept = json.loads(args.out.read_text()) if args.merge and args.out.exists() else []
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    fresh: dict[str, dict] = {}
     for name in names:
-        rows.append(run_one(name, args.memory_gb, args.timeout))
-        print(json.dumps(rows[-1]), flush=True)
+        fresh[name] = run_one(name, args.memory_gb, args.timeout) | {"commit": commit}
+        print(json.dumps(fresh[name]), flush=True)
+        rows = sorted(
+            [row for row in kept if row["model"] not in fresh] + list(fresh.values()),
+            key=lambda row: row["model"],
+        )
         args.out.write_text(json.dumps(rows, indent=1))
     counts = {}
     for row in rows:

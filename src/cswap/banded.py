@@ -67,7 +67,7 @@ def banded_categorization(
     *,
     images: torch.Tensor,
     labels: torch.Tensor,
-    horizon: float,
+    horizon: float | Sequence[float],
     cost_kind: str,
     band: BandConfig,
     category_config: CategoryConfig,
@@ -76,7 +76,8 @@ def banded_categorization(
     progress: Callable[[float], None] | None = None,
 ) -> BandedRound:
     """The round's categorization with exact scoring inside the band only; ``horizon``: the
-    cost (absolute, in ``cost_kind``) the schedule cuts before it ranks again;
+    cost (absolute, in ``cost_kind``) the schedule cuts before it ranks again, or several (each
+    cut the ranking is to serve: the band is the union of their bands);
     ``score(units=..., images=..., labels=...)`` scores exactly (its model and scoring options
     bound by the caller); ``images``, ``labels``: the calibration data."""
     removed = sorted(set(already_removed))
@@ -95,7 +96,8 @@ def banded_categorization(
     sampled_first = dict(zip(first.unit_ids.tolist(), first.kl.mean(axis=1).tolist(), strict=True))
     fit = fit_scale(space, costs, sampled_first, band.min_sd)
     estimated = fit.damage(space, costs)
-    edge = _Edge(space, removed, cost_kind, horizon)
+    horizons = (horizon,) if isinstance(horizon, int | float) else tuple(horizon)
+    edge = _Edge(space, removed, cost_kind, horizons)
     inside = edge.band(estimated | sampled_first, math.exp(band.z * fit.sd), band.max_exact)
     rest = sorted(
         u for u in units if u not in sampled_first and (u in inside or u not in estimated)
@@ -115,23 +117,21 @@ def banded_categorization(
 
 @dataclass(frozen=True)
 class _Edge:
-    """Where the next cut ends, for the band of a set of damage values."""
+    """Where the next cut ends (or each of the cuts a ranking is to serve), for the band of a
+    set of damage values: the union of the bands around every edge."""
 
     space: UnitSpace
     removed: list[int]
     cost_kind: str
-    horizon: float
+    horizons: tuple[float, ...]
 
     def band(self, values: dict[int, float], spread, limit: int = 0) -> set[int]:
         costs = self.space.savings(self.removed, self.cost_kind)
-        return exact_band(
-            values,
-            costs,
-            costs,  # the horizon is counted in the same currency
-            self.horizon,
-            spread,
-            limit,
-        )
+        share = -(-limit // len(self.horizons)) if limit > 0 else 0  # the cap split evenly
+        inside: set[int] = set()
+        for horizon in self.horizons:  # counted in the same currency as the costs
+            inside |= exact_band(values, costs, costs, horizon, spread, share)
+        return inside
 
 
 class _Stages:

@@ -603,6 +603,7 @@ class Lever:
     screen: bool = False  # first-order screening
     band: bool = False  # exact scoring only near the cut (cswap.banded)
     sample_fraction: float = 0.25  # with band: its units on this share of the images first
+    edges: int = len(SPEED_CUTS)  # with band: banded at the last this many of SPEED_CUTS
 
 
 SPEED_LEVERS = {
@@ -615,7 +616,10 @@ SPEED_LEVERS = {
     "band": Lever(band=True),
     "all": Lever(prefix=True, per_pass=None, looks=LOOKS, screen=True),
     "onestage": Lever(prefix=True, per_pass=None, band=True, sample_fraction=0.0),
-    "default": Lever(prefix=True, per_pass=None, band=True),  # what cswap prune does
+    # banded at the 50% cut only, as a progressive round is banded at its next cut only
+    "oneedge": Lever(prefix=True, per_pass=None, band=True, edges=1),
+    # what cswap prune's scoring does, banded at every cut the round is judged at
+    "default": Lever(prefix=True, per_pass=None, band=True),
 }
 
 
@@ -762,7 +766,8 @@ def _lever_round(prepared, compensation, lever: Lever, seed, batch_size, memory_
             images=prepared.calibration_images,
             labels=prepared.calibration_labels,
             device=prepared.device,
-            horizon=max(SPEED_CUTS) * prepared.space.params_total,
+            # banded at every cut the round is judged at (with one edge, at the last only)
+            horizon=[cut * prepared.space.params_total for cut in SPEED_CUTS[-lever.edges :]],
             cost_kind="params",
             band=BandConfig(sample_fraction=lever.sample_fraction),
             category_config=config,

@@ -370,8 +370,10 @@ def discover_units(
 
 def dependency_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyGraph:
     """Torch-Pruning's dependency graph of ``model``, tolerant of operations whose channel index
-    mapping it cannot work out (e.g. the reshapes of a channel shuffle): such an operation is
-    cut out of the graph, so no group reaches across it. A group that needed to (its removal
+    mapping it cannot work out (it fails on the reshapes of a channel shuffle) or maps off the
+    channel dimension (channels-last windows, attention logits; ``_mapped_off_the_channels``):
+    such an operation is cut out of the graph, so no group reaches across it. A group that
+    needed to (its removal
     no longer fits the layers behind the cut) then fails verification on a copy
     (``cswap.surgery.verify_groups``) and is excluded with the reason; nothing is mis-coupled
     silently. Every stage that builds the graph (discovery, surgery, compensation) builds it
