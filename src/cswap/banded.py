@@ -20,6 +20,7 @@ Falls back to scoring every unit exactly when no unit has an estimate (no lstsq 
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -44,6 +45,8 @@ from cswap.intervene import removed as intervention
 from cswap.scoring import CausalEffects, join_effects, join_samples, remaining_units
 from cswap.timings import stage
 from cswap.units import UnitSpace
+
+log = logging.getLogger("cswap")
 
 Score = Callable[..., CausalEffects]  # causal_effects or a Ray backend's, with units=
 
@@ -101,6 +104,16 @@ def banded_categorization(
     inside = edge.band(estimated | sampled_first, math.exp(band.z * fit.sd), band.max_exact)
     rest = sorted(
         u for u in units if u not in sampled_first and (u in inside or u not in estimated)
+    )
+    log.info(
+        "band: %d sampled units, then %d within x%.3g of the edge (estimate sd %.3f), "
+        "first on %d of %d images",
+        len(first_units),
+        len(rest),
+        math.exp(band.z * fit.sd),
+        fit.sd,
+        len(stages.images_first),
+        len(labels),
     )
     partial = join_effects([first, stages.first(rest)] if rest else [first])
     effects, sampled = stages.second(partial, estimated, edge)

@@ -476,7 +476,13 @@ class CausalRanker:
                 note = {"exact": remaining, "estimated": 0}
         self.rounds.append((len(removed), result))
         self.round_notes.append(note)
-        log.info("scored %d units after %d removed: %s", remaining, len(removed), result.counts())
+        log.info(
+            "scored %d units after %d removed: %s %s",
+            remaining,
+            len(removed),
+            result.counts(),
+            note,
+        )
         return result
 
     def _fast(self) -> bool:
