@@ -271,12 +271,19 @@ def _flipping_ranker(calls, validations, kind="params"):
     return rank
 
 
-def test_the_start_rescores_along_its_cut_before_validating():
-    calls, validations = [], []
+def _recording_validator(validations):
+    """Accepts every step, recording what it was asked to validate."""
 
     def validate(removed, threshold=None):
         validations.append(removed)
         return Validation(0.9, 0.001, 1000)
+
+    return validate
+
+
+def test_the_start_rescores_along_its_cut_before_validating():
+    calls, validations = [], []
+    validate = _recording_validator(validations)
 
     config = ScheduleConfig(target_params=0.5, rescore_every=0.1)
     result = run_schedule(
@@ -295,10 +302,7 @@ def test_the_start_rescores_along_its_cut_before_validating():
 
 def test_a_mac_target_rescores_every_tenth_of_the_macs():
     calls, validations = [], []
-
-    def validate(removed, threshold=None):
-        validations.append(removed)
-        return Validation(0.9, 0.001, 1000)
+    validate = _recording_validator(validations)
 
     config = ScheduleConfig(target_macs=0.35, rescore_every=0.1)
     assert config.cost_kind == "macs"

@@ -8,9 +8,9 @@
 3. Score exactly every unit whose estimated damage per cost is within exp(z * sd) of where the
    next ``horizon`` of the cost (parameters, or MACs for a MAC target) ends; the rest keep the
    scaled estimate. Exactly, in two stages: first on a stratified subsample of the images; a
-   unit whose subsample mean is more
-   than z of its standard errors from the (re-placed) edge keeps that mean; the others are
-   scored on the remaining images too, which makes their effects those of one full pass.
+   unit whose subsample mean is more than z of its standard errors from the (re-placed) edge
+   keeps that mean; the others are scored on the remaining images too, which makes their
+   effects those of one full pass.
 4. Categorize the fully scored units (the paper's test, unchanged) and add the others with
    category ``estimated``.
 

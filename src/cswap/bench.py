@@ -618,7 +618,8 @@ SPEED_LEVERS = {
     "onestage": Lever(prefix=True, per_pass=None, band=True, sample_fraction=0.0),
     # banded at the 50% cut only, as a progressive round is banded at its next cut only
     "oneedge": Lever(prefix=True, per_pass=None, band=True, edges=1),
-    # what cswap prune's scoring does, banded at every cut the round is judged at
+    # cswap prune's scoring levers, banded at every cut this round is judged at (a progressive
+    # run's round has one: its next cut)
     "default": Lever(prefix=True, per_pass=None, band=True),
 }
 

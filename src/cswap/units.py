@@ -37,6 +37,7 @@ from cswap.adapters import HeadSite, find_head_sites
 from cswap.errors import CswapError, first_line, running_model
 
 _MIXING_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
+_WEIGHT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Linear)  # group roots and channel consumers
 _PER_CHANNEL_NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
 
 
@@ -373,11 +374,10 @@ def dependency_graph(model: nn.Module, example_input: torch.Tensor) -> tp.Depend
     mapping it cannot work out (it fails on the reshapes of a channel shuffle) or maps off the
     channel dimension (channels-last windows, attention logits; ``_mapped_off_the_channels``):
     such an operation is cut out of the graph, so no group reaches across it. A group that
-    needed to (its removal
-    no longer fits the layers behind the cut) then fails verification on a copy
-    (``cswap.surgery.verify_groups``) and is excluded with the reason; nothing is mis-coupled
-    silently. Every stage that builds the graph (discovery, surgery, compensation) builds it
-    here, so they all see the same groups."""
+    needed to (its removal no longer fits the layers behind the cut) then fails verification
+    on a copy (``cswap.surgery.verify_groups``) and is excluded with the reason; nothing is
+    mis-coupled silently. Every stage that builds the graph (discovery, surgery, compensation)
+    builds it here, so they all see the same groups."""
     graph = tp.DependencyGraph()
     with torch.enable_grad():  # Torch-Pruning traces through autograd
         try:
@@ -433,7 +433,7 @@ def _next_mixing_norm(graph: tp.DependencyGraph, module: nn.Module) -> nn.Module
         seen.add(id(node))
         if isinstance(node.module, _MIXING_NORMS):
             return node.module
-        if not isinstance(node.module, nn.Conv1d | nn.Conv2d | nn.Linear):
+        if not isinstance(node.module, _WEIGHT_LAYERS):
             stack.extend(node.outputs)
     return None
 
@@ -512,7 +512,7 @@ def _all_groups(graph: tp.DependencyGraph, ignored_modules: list, names: dict):
     for module in list(graph.module2node):
         if id(module) in ignored or id(module) in covered:
             continue
-        if not isinstance(module, nn.Conv2d | nn.Conv1d | nn.Linear):
+        if not isinstance(module, _WEIGHT_LAYERS):
             continue
         pruner = graph.get_pruner_of_module(module)
         channels = pruner.get_out_channels(module) if pruner is not None else None
@@ -520,9 +520,7 @@ def _all_groups(graph: tp.DependencyGraph, ignored_modules: list, names: dict):
             continue
         norm = _next_mixing_norm(graph, module)
         if norm is not None:  # its group would be excluded for the norm: skip the grouping
-            failed[module] = (
-                f"{names[norm]} normalises across channels; masking is not removal there"
-            )
+            failed[module] = _mixing_norm_reason(names[norm])
             continue
         try:
             group = graph.get_pruning_group(
@@ -677,6 +675,10 @@ def _add_head_group(model, site: HeadSite, units, groups, dim_sizes, unit_dims) 
     )
 
 
+def _mixing_norm_reason(norm: str) -> str:
+    return f"{norm} normalises across channels; masking is not removal there"
+
+
 def _exclusion_reason(graph, raw, names) -> str | None:
     has_consumer = False
     for item in raw:
@@ -688,11 +690,11 @@ def _exclusion_reason(graph, raw, names) -> str | None:
         if _is_grouped(module):
             return f"{names[module]} is a grouped convolution; single channels cannot leave it"
         if isinstance(module, _MIXING_NORMS):
-            return f"{names[module]} normalises across channels; masking is not removal there"
+            return _mixing_norm_reason(names[module])
         is_out = graph.is_out_channel_pruning_fn(item.dep.handler)
         if is_out or _is_depthwise(module):
             continue
-        if isinstance(module, nn.Conv2d | nn.Conv1d | nn.Linear):
+        if isinstance(module, _WEIGHT_LAYERS):
             has_consumer = True
         elif not isinstance(module, _PER_CHANNEL_NORMS):
             return f"consumer {names[module]} ({type(module).__name__}) cannot be masked"
@@ -719,7 +721,7 @@ def _accounting_terms(model, names, dim_sizes, macs_per_module):
             if (
                 has_in
                 and parameter.dim() >= 2
-                and isinstance(module, nn.Conv2d | nn.Conv1d | nn.Linear)
+                and isinstance(module, _WEIGHT_LAYERS)
                 and parameter.shape[1] == dim_sizes[in_key]
             ):
                 dims.append(in_key)
