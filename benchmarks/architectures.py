@@ -4,7 +4,8 @@
         --doc docs/architectures.md
 
 Random init, 10 classes, 40 random images at 64 px (or the smallest size the model accepts),
-labels 0..9, L1 one-shot to 20% of the parameters, no compensation. Each model runs in its own
+labels 0..9, L1 one-shot to 20% of the parameters, no compensation, ``max_memory_gb`` 6 (cswap
+refuses up front a run whose lower bound does not fit). Each model runs in its own
 process under an address-space cap (default 12 GB: torch alone reserves a few GB of address
 space it never touches, so the cap is a safety net, not the budget) and a time limit; the
 result, the units found, the excluded groups, the peak resident memory (the 6 GB budget) and
@@ -25,7 +26,7 @@ CHILD = r"""
 import json, sys, time, torch, torchvision
 from torch.utils.data import TensorDataset
 import cswap
-name, size = sys.argv[1], int(sys.argv[2])
+name, size, budget = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 torch.manual_seed(0)
 options = {"num_classes": 10}
 if name.startswith("vit_"):
@@ -38,7 +39,7 @@ out = {"model": name, "input_size": size}
 try:
     result = cswap.prune(model, TensorDataset(x, y), validation=TensorDataset(x, y),
                          target_params=0.2, method="l1", mode="oneshot", compensate="none",
-                         correct_only=False, progress=False)
+                         correct_only=False, progress=False, max_memory_gb=budget)
     r = result.report
     out |= {"result": "pruned", "stop_reason": r["stop_reason"],
             "params_reduction": round(r["params_reduction"], 4), "units": r["units_total"],
@@ -65,12 +66,12 @@ def _limit(memory_gb: float):
     return apply
 
 
-def run_one(name: str, memory_gb: float, timeout: float) -> dict:
+def run_one(name: str, memory_gb: float, timeout: float, budget_gb: float) -> dict:
     size = SIZES.get(name, 64)
     started = time.time()
     try:
         done = subprocess.run(
-            [sys.executable, "-c", CHILD, name, str(size)],
+            [sys.executable, "-c", CHILD, name, str(size), str(budget_gb)],
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -116,6 +117,12 @@ def main() -> None:
     parser.add_argument("--doc", type=Path, default=None)
     parser.add_argument("--memory-gb", type=float, default=12.0)
     parser.add_argument("--timeout", type=float, default=300.0)
+    parser.add_argument(
+        "--budget-gb",
+        type=float,
+        default=6.0,
+        help="cswap's max_memory_gb (refuse what cannot fit)",
+    )
     parser.add_argument("--models", default="", help="comma list (default: every one)")
     parser.add_argument(
         "--merge", action="store_true", help="keep --out's rows of models not run this time"
@@ -130,7 +137,9 @@ def main() -> None:
     ).stdout.strip()
     fresh: dict[str, dict] = {}
     for name in names:
-        fresh[name] = run_one(name, args.memory_gb, args.timeout) | {"commit": commit}
+        fresh[name] = run_one(name, args.memory_gb, args.timeout, args.budget_gb) | {
+            "commit": commit
+        }
         print(json.dumps(fresh[name]), flush=True)
         rows = sorted(
             [row for row in kept if row["model"] not in fresh] + list(fresh.values()),
@@ -146,7 +155,8 @@ def main() -> None:
             "# torchvision architectures through cswap\n\n"
             "`.venv/bin/python benchmarks/architectures.py --doc docs/architectures.md` "
             "(random init, 10 classes, 40 random images at 64 px, L1 one-shot to 20% of the "
-            f"parameters, no compensation, {args.memory_gb:g} GB address-space cap (peak resident "
+            f"parameters, no compensation, max_memory_gb={args.budget_gb:g} (a run that cannot "
+            f"fit is refused up front), {args.memory_gb:g} GB address-space cap (peak resident "
             "memory in the table) and "
             f"{args.timeout:g} s per model, 2 CPU cores). Counts: {counts}.\n\n"
             + markdown(rows)

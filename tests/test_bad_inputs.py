@@ -526,3 +526,42 @@ def test_band_options_out_of_range_are_one_clear_error():
         assert next(iter(bad)) in str(raised.value)
     assert make_options({"exact_max": 300}).exact_max == 300
     assert make_options({"sample_fraction": 0.0}).band_config().sample_fraction == 0.0
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def test_the_memory_lower_bound_counts_every_tensor_once():
+    from cswap.inputs import memory_lower_bound, model_bytes
+
+    first, second = torch.nn.Linear(1000, 1000), torch.nn.Linear(1000, 1000, bias=False)
+    second.weight = first.weight  # tied: one storage
+    model = torch.nn.Sequential(first, torch.nn.BatchNorm1d(1000), second)
+    params = (1000 * 1000 + 1000 + 2 * 1000) * 4  # linear weight and bias, BN weight and bias
+    buffers = 2 * 1000 * 4 + 8  # running mean and var (float32), num_batches_tracked (int64)
+    assert model_bytes(model) == params + buffers
+    assert memory_lower_bound(model, 123, copies=2) == 123 + 2 * (params + buffers)
+
+
+def test_a_run_that_cannot_fit_the_memory_budget_is_refused_before_any_copy(monkeypatch):
+    import cswap.api
+
+    def no_prepare(*args, **kwargs):
+        raise AssertionError("the model was copied before the memory check")
+
+    monkeypatch.setattr(cswap.api, "_prepare", no_prepare)
+    model = TinyNet()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    data = TensorDataset(torch.randn(20, 1, 14, 14), torch.arange(20) % 10)
+    for run in (cswap.prune, cswap.score):
+        target = {"target_params": 0.3} if run is cswap.prune else {}
+        with pytest.raises(CswapError) as raised:
+            # 10 MiB: torch alone holds more
+            run(model, data, max_memory_gb=0.01, progress=False, **target)
+        message = str(raised.value)
+        assert "The run needs at least" in message and "0.01 GiB budget (max_memory_gb)" in message
+        copied = "2 x" if run is cswap.prune else "1 x"
+        assert copied in message and "--max-memory-gb" in message
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(CswapError, match="max_memory_gb must be > 0"):
+        cswap.prune(model, data, target_params=0.3, max_memory_gb=0)

@@ -32,7 +32,13 @@ from cswap.errors import CswapError
 from cswap.evaluate import Evaluation, evaluate, per_class_counts, unit_evidence
 from cswap.export import export_onnx, save_model
 from cswap.export import load as load_saved
-from cswap.inputs import check_export, check_model_object, check_out_dir
+from cswap.inputs import (
+    check_export,
+    check_memory,
+    check_model_object,
+    check_out_dir,
+    peak_resident_gb,
+)
 from cswap.measure import paired_latency, predict
 from cswap.report import thumbnails, units_arrays, write_report
 from cswap.schedule import (
@@ -193,6 +199,7 @@ def score(
     check_model_object(model)
     _check_choices("cswap", "progressive", compensate)
     opts = make_options(options)
+    memory = check_memory(model, opts.max_memory_gb, copies=1)
     started = time.perf_counter()
     prepared, compensation = _prepare(
         model, calibration, validation, example_input, label_free, device, opts, compensate,
@@ -207,6 +214,7 @@ def score(
     report |= {"mode": None, "compensation": _compensation_report(compensation, compensate, {})}
     report["units"] = _unit_entries(prepared.space, categorization, None, None, None)
     report["scoring_seconds"] = round(time.perf_counter() - started, 2)
+    report["memory"] = memory | {"peak_rss_gb": peak_resident_gb()}
     return PruneResult(
         model=model, report=report, arrays=units_arrays(categorization), base_spec=model_spec
     )
@@ -259,6 +267,7 @@ def prune(
     schedule_config = opts.schedule_config(target_params, target_macs, tolerance)
     if resume and checkpoint_dir is not None:  # a finished run is never re-run over
         check_out_dir(checkpoint_dir, resume=True)
+    memory = check_memory(model, opts.max_memory_gb, copies=2)
     started = time.perf_counter()
     prepared, compensation = _prepare(
         model, calibration, validation, example_input, label_free, device, opts, compensate
@@ -332,6 +341,7 @@ def prune(
         )
     report["total_seconds"] = round(time.perf_counter() - started, 2)
     report["schedule_seconds"] = round(scoring_seconds, 2)
+    report["memory"] = memory | {"peak_rss_gb": peak_resident_gb()}
     return PruneResult(
         model=pruned,
         report=report,

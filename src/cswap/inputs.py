@@ -115,3 +115,105 @@ def check_data_sizes(per_class: int, validation_size: int | None) -> None:
             f"--validation-size {validation_size} leaves no image to validate each step on.",
             "use e.g. 2000, or leave it out to validate on the rest of the pool.",
         )
+
+
+def resident_bytes() -> int | None:
+    """This process's resident memory now (Linux ``/proc``; None elsewhere)."""
+    try:
+        with open("/proc/self/statm") as handle:
+            pages = int(handle.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_resident_gb() -> float | None:
+    """This process's peak resident memory so far, GiB (VmHWM; None off Linux)."""
+    return _gib(_status_bytes("VmHWM"))
+
+
+def available_bytes() -> int | None:
+    """What this process may hold at most: its resident memory plus the system's available
+    memory (MemAvailable), or plus what its cgroup's limit leaves when that is lower; None
+    when it cannot be read."""
+    resident = resident_bytes()
+    free = _meminfo_kib("MemAvailable")
+    if resident is None or free is None:
+        return None
+    free *= 1024
+    limit, used = _cgroup_value("memory.max"), _cgroup_value("memory.current")
+    if limit is not None and used is not None:
+        free = min(free, max(0, limit - used))
+    return resident + free
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters and buffers (each storage once)."""
+    seen: dict[int, int] = {}
+    for tensor in [*model.parameters(), *model.buffers()]:
+        storage = tensor.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
+
+
+def memory_lower_bound(model: nn.Module, resident: int, copies: int) -> int:
+    """Bytes the run holds at least at its peak: what the process holds now (with the user's
+    model) plus ``copies`` more of the model's tensors (cswap's working copy; for a prune also
+    the copy that surgery cuts, full-sized before the cut)."""
+    return resident + copies * model_bytes(model)
+
+
+def check_memory(model: nn.Module, max_memory_gb: float | None, copies: int) -> dict:
+    """Refuse, before any copy is made, a run whose lower bound exceeds ``max_memory_gb`` (None:
+    what the machine has available); returns the figures for the report (GiB)."""
+    resident = resident_bytes()
+    budget = available_bytes() if max_memory_gb is None else max_memory_gb * 2**30
+    if resident is None:
+        return {"lower_bound_gb": None, "budget_gb": _gib(budget)}
+    need = memory_lower_bound(model, resident, copies)
+    info = {"lower_bound_gb": _gib(need), "budget_gb": _gib(budget)}
+    if budget is None or need <= budget:
+        return info
+    source = "max_memory_gb" if max_memory_gb is not None else "what this machine has available"
+    copied = "its working copy" + (" and the copy surgery cuts" if copies > 1 else "")
+    raise CswapError(
+        f"The run needs at least {need / 2**30:.2f} GiB: this process holds "
+        f"{resident / 2**30:.2f} GiB now (with your model), and cswap adds {copies} x "
+        f"{model_bytes(model) / 2**30:.2f} GiB, the model's parameters and buffers ({copied}); "
+        f"that is over the {budget / 2**30:.2f} GiB budget ({source}).",
+        "run on a machine with more memory, or a smaller model; pass max_memory_gb "
+        "(--max-memory-gb) if more memory is free than the budget says.",
+    )
+
+
+def _gib(value: float | None) -> float | None:
+    return None if value is None else round(value / 2**30, 3)
+
+
+def _status_bytes(key: str) -> int | None:
+    value = _proc_kib("/proc/self/status", key)
+    return None if value is None else value * 1024
+
+
+def _meminfo_kib(key: str) -> int | None:
+    return _proc_kib("/proc/meminfo", key)
+
+
+def _proc_kib(path: str, key: str) -> int | None:
+    try:
+        with open(path) as handle:
+            for line in handle:
+                name, _, rest = line.partition(":")
+                if name == key:
+                    return int(rest.split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _cgroup_value(name: str) -> int | None:
+    try:
+        text = Path("/sys/fs/cgroup", name).read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None

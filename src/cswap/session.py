@@ -79,6 +79,7 @@ class Options:
     rank_categories_first: bool = False  # measured: one order is better on the ViT
     oneshot_start: bool = True
     lstsq_memory_gb: float = 4.0
+    max_memory_gb: float | None = None  # refuse a run that cannot fit (None: what is available)
     ignored_layers: tuple[str, ...] = ()
     round_to: int = 1
     min_keep: int = 1
@@ -720,6 +721,11 @@ def make_options(overrides: dict[str, Any]) -> Options:
         raise CswapError(
             f"sample_fraction must be in [0, 1), got {options.sample_fraction}.",
             "use e.g. 0.25 (the default), or 0 to score the band on every image at once.",
+        )
+    if options.max_memory_gb is not None and not options.max_memory_gb > 0:
+        raise CswapError(
+            f"max_memory_gb must be > 0, got {options.max_memory_gb}.",
+            "use e.g. 6, or leave it unset to use what the machine has available.",
         )
     if not 0.0 < options.validation_fraction < 1.0:
         raise CswapError("validation_fraction must be in (0, 1).", "use e.g. 0.5.")

@@ -30,6 +30,13 @@ WorkersOption = Annotated[
         "0: in this process.",
     ),
 ]
+MaxMemoryOption = Annotated[
+    float | None,
+    typer.Option(
+        help="Refuse at once a run that cannot fit this much memory (GiB; default: what the "
+        "machine has available)."
+    ),
+]
 RayAddressOption = Annotated[
     str | None,
     typer.Option(help="Join a running Ray cluster (e.g. auto) instead of starting one."),
@@ -324,6 +331,7 @@ def register(app: typer.Typer) -> None:
         lstsq_memory_gb: Annotated[
             float, typer.Option(help="Memory budget of lstsq Gram matrices (GiB).")
         ] = 4.0,
+        max_memory_gb: MaxMemoryOption = None,
         ignore: Annotated[list[str], typer.Option(help="Layer never to prune.")] = [],  # noqa: B006
         round_to: Annotated[int, typer.Option(help="Keep unit counts a multiple of this.")] = 1,
         initial_chunk: Annotated[
@@ -422,6 +430,7 @@ def register(app: typer.Typer) -> None:
                 "rank_categories_first": rank_categories_first,
                 "oneshot_start": oneshot_start,
                 "lstsq_memory_gb": lstsq_memory_gb,
+                "max_memory_gb": max_memory_gb,
                 "ignored_layers": tuple(ignore),
                 "round_to": round_to,
                 "initial_chunk": initial_chunk,
@@ -463,6 +472,7 @@ def register(app: typer.Typer) -> None:
         test: Annotated[str, typer.Option(help="t or wilcoxon.")] = "t",
         alpha: Annotated[float, typer.Option(help="Significance level.")] = 0.05,
         correction: Annotated[str, typer.Option(help="holm, bonferroni, bh or none.")] = "holm",
+        max_memory_gb: MaxMemoryOption = None,
         ignore: Annotated[list[str], typer.Option(help="Layer never to prune.")] = [],  # noqa: B006
         compensate: Annotated[
             str | None, typer.Option(help="Score compensated removals: mean or none.")
@@ -513,6 +523,7 @@ def register(app: typer.Typer) -> None:
             batch_size=batch_size,
             workers=workers,
             ray_address=ray_address,
+            max_memory_gb=max_memory_gb,
         )
         result.report["data"] = selection.summary
         result.save(out, overwrite=True)
