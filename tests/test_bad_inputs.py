@@ -565,3 +565,38 @@ def test_a_run_that_cannot_fit_the_memory_budget_is_refused_before_any_copy(monk
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     with pytest.raises(CswapError, match="max_memory_gb must be > 0"):
         cswap.prune(model, data, target_params=0.3, max_memory_gb=0)
+
+
+def test_a_grouping_over_its_budget_excludes_that_layer_and_leaves_no_timer(monkeypatch):
+    """Torch-Pruning's grouping of one root made to spin (as its grouping of Swin's residual
+    stream grew without end): that root is excluded with the reason within the budget, the
+    other groups are found, and the timer and signal handler are as before."""
+    import signal
+
+    import torch_pruning as tp
+
+    from cswap.units import OVER_BUDGET
+
+    model = TinyNet().eval()
+    real = tp.DependencyGraph.get_pruning_group
+
+    def spins_on_down(graph, module, *args, **kwargs):
+        if getattr(module, "stride", None) == (2, 2):  # down.0 (of cswap's working copy)
+            while True:  # interrupted by the budget's timer signal
+                pass
+        return real(graph, module, *args, **kwargs)
+
+    monkeypatch.setattr(tp.DependencyGraph, "get_pruning_group", spins_on_down)
+    handler = signal.getsignal(signal.SIGALRM)
+    data = TensorDataset(torch.randn(20, 1, 14, 14), torch.arange(20) % 10)
+    report = cswap.score(
+        model, data, correct_only=False, progress=False, grouping_seconds=0.5
+    ).report
+    excluded = {g["root"]: g["reason"] for g in report["excluded_groups"]}
+    assert list(excluded) == ["down.0"]
+    assert excluded["down.0"] == f"{OVER_BUDGET} (more than 0.5 s)"
+    assert {g["root"] for g in report["groups"]} == {"body.0", "body.3", "hidden"}
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+    assert signal.getsignal(signal.SIGALRM) is handler
+    with pytest.raises(CswapError, match="grouping_seconds must be > 0"):
+        cswap.score(model, data, grouping_seconds=0)

@@ -41,6 +41,7 @@ from cswap.errors import CswapError
 from cswap.estimate import BandConfig
 from cswap.evaluate import ValidationPrefix, masked_validation
 from cswap.fastscore import FastConfig, fast_categorize
+from cswap.inputs import available_bytes
 from cswap.measure import predict
 from cswap.schedule import (
     CANDIDATES_EXHAUSTED,
@@ -57,7 +58,13 @@ from cswap.scoring import causal_effects
 from cswap.suffix import prefix_path
 from cswap.surgery import verify_groups
 from cswap.timings import stage
-from cswap.units import UnitSpace, classifier_layers, discover_units
+from cswap.units import (
+    OVER_BUDGET,
+    GroupingBudget,
+    UnitSpace,
+    classifier_layers,
+    discover_units,
+)
 
 log = logging.getLogger("cswap")
 
@@ -80,6 +87,7 @@ class Options:
     oneshot_start: bool = True
     lstsq_memory_gb: float = 4.0
     max_memory_gb: float | None = None  # refuse a run that cannot fit (None: what is available)
+    grouping_seconds: float = 60.0  # Torch-Pruning's grouping of one root layer, at most
     ignored_layers: tuple[str, ...] = ()
     round_to: int = 1
     min_keep: int = 1
@@ -722,6 +730,10 @@ def make_options(overrides: dict[str, Any]) -> Options:
             f"sample_fraction must be in [0, 1), got {options.sample_fraction}.",
             "use e.g. 0.25 (the default), or 0 to score the band on every image at once.",
         )
+    if not options.grouping_seconds > 0:
+        raise CswapError(
+            f"grouping_seconds must be > 0, got {options.grouping_seconds}.", "use e.g. 60."
+        )
     if options.max_memory_gb is not None and not options.max_memory_gb > 0:
         raise CswapError(
             f"max_memory_gb must be > 0, got {options.max_memory_gb}.",
@@ -831,15 +843,21 @@ def prefix_reuse_path(session: Session, options: Options) -> str:
 def _verified_units(model: nn.Module, example: torch.Tensor, options: Options) -> UnitSpace:
     """The units of ``model``, without the groups whose removal fails or is not what masking
     computes (checked on a copy; excluded with the reason, which the report lists)."""
-    space = discover_units(model, example, ignored_layers=options.ignored_layers)
+    limit = options.max_memory_gb
+    budget = GroupingBudget(
+        options.grouping_seconds, available_bytes() if limit is None else int(limit * 2**30)
+    )
+    ignored = options.ignored_layers
+    space = discover_units(model, example, ignored_layers=ignored, budget=budget)
     with stage("unit verification"):
         failed = verify_groups(model, space, example) if len(space) else {}
     if not failed:
         return space
     for root, reason in failed.items():
         log.warning("group %s excluded: %s", root, reason)
+    over = {g.root: g.reason for g in space.excluded if g.reason.startswith(OVER_BUDGET)}
     return discover_units(
-        model, example, ignored_layers=options.ignored_layers, excluded_roots=failed
+        model, example, ignored_layers=ignored, excluded_roots=failed | over, budget=budget
     )
 
 

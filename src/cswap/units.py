@@ -19,9 +19,13 @@ norms; checked against the physically pruned model by the tests).
 from __future__ import annotations
 
 import math
+import signal
+import threading
+import time
 import traceback
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -35,9 +39,11 @@ from torch_pruning.dependency import shape_infer as tp_shape_infer
 
 from cswap.adapters import HeadSite, find_head_sites
 from cswap.errors import CswapError, first_line, running_model
+from cswap.inputs import resident_bytes
 
 _MIXING_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
 _WEIGHT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Linear)  # group roots and channel consumers
+OVER_BUDGET = "Torch-Pruning's grouping of its channels ran over its budget"
 _PER_CHANNEL_NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
 
 
@@ -334,10 +340,12 @@ def discover_units(
     *,
     ignored_layers: Sequence[str] = (),
     excluded_roots: dict[str, str] | None = None,
+    budget: GroupingBudget | None = None,
 ) -> UnitSpace:
     """Find every unit of ``model`` (channels of conv groups, neurons of Linear groups);
     ``excluded_roots``: root layer -> why its group is excluded (e.g. it failed verification,
-    ``cswap.surgery.verify_groups``)."""
+    ``cswap.surgery.verify_groups``); ``budget``: what Torch-Pruning may spend grouping one
+    root layer's channels (a root over it is excluded with the reason)."""
     names = module_names(model)
     by_name = dict(model.named_modules())
     unknown = [name for name in ignored_layers if name not in by_name]
@@ -354,7 +362,9 @@ def discover_units(
         ignored_modules = [
             module for name in (*protected, *ignored_layers) for module in by_name[name].modules()
         ]
-        graph, raw_groups, ungrouped = _dependency_groups(model, example_input, ignored_modules)
+        graph, raw_groups, ungrouped = _dependency_groups(
+            model, example_input, ignored_modules, budget or GroupingBudget(), excluded_roots or {}
+        )
         macs_per_module = _mac_per_module(model, example_input)
     finally:
         model.train(was_training)
@@ -480,7 +490,7 @@ def _cut(node, *, unlink: bool = True) -> None:
         node.inputs, node.outputs = [], []
 
 
-def _dependency_groups(model: nn.Module, example_input: torch.Tensor, ignored_modules: list):
+def _dependency_groups(model, example_input, ignored_modules, budget, excluded_roots):
     """Torch-Pruning's dependency graph, its coupled groups, and root layer -> why no group
     could be formed from it. An operation the graph cannot follow (e.g. the reshape of a
     channel shuffle) costs the groups that reach it, not the run."""
@@ -498,14 +508,16 @@ def _dependency_groups(model: nn.Module, example_input: torch.Tensor, ignored_mo
             "exclude the blocks around that operation with --ignore LAYER (ignored_layers=...), "
             "or prune another architecture; please report this one.",
         ) from error
-    raw_groups, failed = _all_groups(graph, ignored_modules, module_names(model))
+    skip = {root: why for root, why in excluded_roots.items() if why.startswith(OVER_BUDGET)}
+    raw_groups, failed = _all_groups(graph, ignored_modules, module_names(model), budget, skip)
     return graph, raw_groups, failed
 
 
-def _all_groups(graph: tp.DependencyGraph, ignored_modules: list, names: dict):
+def _all_groups(graph, ignored_modules, names, budget, skip):
     """Every group rooted at a conv / linear layer's output channels (as Torch-Pruning's
-    ``get_all_groups``), with a root the graph fails on recorded (root module -> why) instead
-    of ending the search."""
+    ``get_all_groups``), with a root the graph fails on, or whose grouping runs over ``budget``,
+    recorded (root module -> why) instead of ending the search; ``skip``: root name -> why, not
+    grouped again (over the budget in an earlier discovery)."""
     ignored = set(map(id, [*ignored_modules, *graph.IGNORED_LAYERS_IN_TRACING]))
     covered: set[int] = set()
     groups, failed = [], {}
@@ -522,10 +534,17 @@ def _all_groups(graph: tp.DependencyGraph, ignored_modules: list, names: dict):
         if norm is not None:  # its group would be excluded for the norm: skip the grouping
             failed[module] = _mixing_norm_reason(names[norm])
             continue
+        if names[module] in skip:
+            failed[module] = skip[names[module]]
+            continue
         try:
-            group = graph.get_pruning_group(
-                module, pruner.prune_out_channels, list(range(channels))
-            )
+            with budget.limit():
+                group = graph.get_pruning_group(
+                    module, pruner.prune_out_channels, list(range(channels))
+                )
+        except _OverBudget as error:
+            failed[module] = f"{OVER_BUDGET} ({error})"
+            continue
         except Exception as error:  # Torch-Pruning's failure names the cause
             failed[module] = (
                 f"Torch-Pruning cannot group its channels ({type(error).__name__}: "
@@ -539,6 +558,48 @@ def _all_groups(graph: tp.DependencyGraph, ignored_modules: list, names: dict):
         if not any(id(m) in ignored for m in outputs):
             groups.append(group)
     return groups, failed
+
+
+class _OverBudget(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class GroupingBudget:
+    """What grouping one root layer may spend: ``seconds``, and the process's resident memory
+    (``max_bytes``, None: no limit). Checked four times a second by a timer signal, so it
+    works in the main thread on Unix only (elsewhere there is no limit)."""
+
+    seconds: float = 60.0
+    max_bytes: int | None = None
+
+    @contextmanager
+    def limit(self) -> Iterator[None]:
+        """Raise ``_OverBudget`` inside the block once it runs over the budget."""
+        usable = (
+            hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
+        )
+        if not usable:
+            yield
+            return
+        started = time.monotonic()
+
+        def check(_signum, _frame) -> None:
+            if time.monotonic() - started > self.seconds:
+                raise _OverBudget(f"more than {self.seconds:g} s")
+            held = resident_bytes()
+            if self.max_bytes is not None and held is not None and held > self.max_bytes:
+                raise _OverBudget(
+                    f"the process grew to {held / 2**30:.1f} GiB, over {self.max_bytes / 2**30:.1f}"
+                )
+
+        previous = signal.signal(signal.SIGALRM, check)
+        signal.setitimer(signal.ITIMER_REAL, 0.25, 0.25)
+        try:
+            yield
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
 
 
 def _build_space(

@@ -332,6 +332,13 @@ def register(app: typer.Typer) -> None:
             float, typer.Option(help="Memory budget of lstsq Gram matrices (GiB).")
         ] = 4.0,
         max_memory_gb: MaxMemoryOption = None,
+        grouping_seconds: Annotated[
+            float,
+            typer.Option(
+                help="Torch-Pruning's grouping of one layer's channels, at most (s; a layer "
+                "over it, or over --max-memory-gb, is excluded with the reason)."
+            ),
+        ] = 60.0,
         ignore: Annotated[list[str], typer.Option(help="Layer never to prune.")] = [],  # noqa: B006
         round_to: Annotated[int, typer.Option(help="Keep unit counts a multiple of this.")] = 1,
         initial_chunk: Annotated[
@@ -431,6 +438,7 @@ def register(app: typer.Typer) -> None:
                 "oneshot_start": oneshot_start,
                 "lstsq_memory_gb": lstsq_memory_gb,
                 "max_memory_gb": max_memory_gb,
+                "grouping_seconds": grouping_seconds,
                 "ignored_layers": tuple(ignore),
                 "round_to": round_to,
                 "initial_chunk": initial_chunk,
