@@ -519,6 +519,8 @@ def test_band_options_out_of_range_are_one_clear_error():
         {"exact_max": -5},
         {"sample_fraction": 1.0},
         {"sample_fraction": -0.1},
+        {"early_fraction": 1.0},
+        {"early_fraction": -0.1},
     )
     for bad in bad_values:
         with pytest.raises(CswapError) as raised:

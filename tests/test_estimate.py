@@ -18,6 +18,7 @@ from cswap.estimate import (
     BandConfig,
     EstimateFit,
     calibration_sample,
+    early_samples,
     exact_band,
     fit_scale,
     output_sensitivity,
@@ -268,6 +269,49 @@ def test_two_stage_band_equals_one_pass_scoring_or_the_subsample_mean(setting):
     # every unit scored went through the first stage; the fully scored ones the second too
     share = len(first_rows) / len(labels)
     assert two.passes == pytest.approx(len(fully) + len(two.sampled) * share)
+
+
+def test_an_early_stage_settles_units_on_its_own_images_and_the_rest_as_before(setting):
+    """With an early stage (3 of the first stage's 9 images), every unit carries the mean KL of
+    exactly the images of the last stage that scored it, or the effects of one pass over every
+    image; the passes count each unit at the share of the images it was scored on."""
+    model, space, images, labels, lstsq, _ = setting
+    exact = causal_effects(model, space, images, labels, compensation=lstsq)
+    full = categorize(exact, CategoryConfig(min_class_size=5))
+    row = {int(u): i for i, u in enumerate(full.unit_ids)}
+    band = dict(sample_fraction=0.3, min_samples=4, min_relative_se=0.01)
+    early = dict(early_fraction=0.25, early_min_samples=2)
+    first_rows = split_samples(labels.numpy(), BandConfig(**band))
+    early_rows = first_rows[early_samples(labels.numpy()[first_rows], BandConfig(**early))]
+    assert len(first_rows) == 9 and len(early_rows) == 3 and set(early_rows) < set(first_rows)
+    calls = []  # (units, images) of every exact scoring
+
+    def score(**kwargs):
+        calls.append((list(kwargs["units"]), len(kwargs["images"])))
+        return causal_effects(model, space, compensation=lstsq, **kwargs)
+
+    three = banded_categorization(
+        score, model, space, lstsq, (), images=images, labels=labels,
+        horizon=0.5 * space.params_total, cost_kind="params",
+        band=BandConfig(z=2.0, per_group=2, **band, **early),
+        category_config=CategoryConfig(min_class_size=5),
+    )  # fmt: skip
+    last = {u: size for units, size in calls for u in units}  # images of its last stage
+    # the scale's sample on the first stage (9); the band early (3), then on the first stage's
+    # other images (6); the rest of the images (21)
+    assert {size for _, size in calls} == {3, 6, 9, 21}
+    assert three.passes == pytest.approx(sum(len(u) * n / len(labels) for u, n in calls))
+    c = three.categorization
+    stages = {3: early_rows, 6: first_rows, 9: first_rows}
+    for i, unit in enumerate(c.unit_ids.tolist()):
+        if unit in three.sampled:  # the mean of exactly the images it was scored on
+            mean = exact.kl[row[unit], stages[last[unit]]].mean()
+            assert c.kl[i] == pytest.approx(mean, rel=1e-6, abs=1e-14)
+        elif c.categories[i] != ESTIMATED:  # scored on every image
+            assert last[unit] == 21
+            assert c.kl[i] == pytest.approx(full.kl[row[unit]], rel=1e-9, abs=1e-15)
+    settled_early = [u for u in three.sampled if last[u] == 3]
+    assert settled_early and len(settled_early) < len(three.sampled)
 
 
 def test_split_samples_keeps_each_labels_share_and_is_seeded():

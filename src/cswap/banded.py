@@ -7,10 +7,12 @@
    the first stage's subsample, see 3).
 3. Score exactly every unit whose estimated damage per cost is within exp(z * sd) of where the
    next ``horizon`` of the cost (parameters, or MACs for a MAC target) ends; the rest keep the
-   scaled estimate. Exactly, in two stages: first on a stratified subsample of the images; a
-   unit whose subsample mean is more than z of its standard errors from the (re-placed) edge
-   keeps that mean; the others are scored on the remaining images too, which makes their
-   effects those of one full pass.
+   scaled estimate. Exactly, in stages: first on a small stratified subsample of the images
+   (``early_fraction`` of the next one, at least 8), then on a larger one (``sample_fraction``
+   of all, at least 32), then on all; after each but the last, a unit whose mean so far is
+   more than z of its standard errors from the (re-placed) edge keeps that mean; the others
+   are scored on the next stage's images too, which makes the last ones' effects those of one
+   full pass.
 4. Categorize the fully scored units (the paper's test, unchanged) and add the others with
    category ``estimated``.
 
@@ -34,6 +36,7 @@ from cswap.compensation import Compensation
 from cswap.estimate import (
     BandConfig,
     calibration_sample,
+    early_samples,
     exact_band,
     fit_scale,
     output_sensitivity,
@@ -107,16 +110,20 @@ def banded_categorization(
     )
     log.info(
         "band: %d sampled units, then %d within x%.3g of the edge (estimate sd %.3f), "
-        "first on %d of %d images",
+        "first on %s of %d images",
         len(first_units),
         len(rest),
         math.exp(band.z * fit.sd),
         fit.sd,
-        len(stages.images_first),
+        stages.describe(),
         len(labels),
     )
-    partial = join_effects([first, stages.first(rest)] if rest else [first])
-    effects, sampled = stages.second(partial, estimated, edge)
+    parts, settled = [first], {}
+    if rest:
+        band_effects, settled = stages.band_units(rest, estimated | sampled_first, edge)
+        parts += [band_effects] if len(band_effects.unit_ids) else []
+    effects, sampled = stages.second(join_effects(parts), estimated | settled, edge)
+    sampled |= settled
     effects = effects.subset(np.argsort(effects.unit_ids, kind="stable"))  # in unit order
     scored = set(effects.unit_ids.tolist())
     guesses = {u: sampled.get(u, estimated.get(u)) for u in units if u not in scored}
@@ -148,17 +155,20 @@ class _Edge:
 
 
 class _Stages:
-    """Exact scoring in two stages when the calibration set allows (BandConfig.sample_fraction):
-    every unit on a subsample of the images first; the second stage scores on the other images
-    only the units whose place relative to the edge the subsample did not settle. With one stage
-    the first is every image and there is no second. ``passes``: spent so far, in units scored
-    on every image."""
+    """Exact scoring in stages when the calibration set allows (BandConfig.sample_fraction):
+    every unit on a subsample of the images first (the band's units on an early, smaller
+    subsample of it before that, ``early_fraction``); each later stage scores on more images
+    only the units whose place relative to the edge the images so far did not settle. With one
+    stage the first is every image. ``passes``: spent so far, in units scored on every image."""
 
     def __init__(self, score, images, labels, band, seed, progress) -> None:
         self.score, self.images, self.labels, self.band = score, images, labels, band
         self.progress = progress
         self.rows = split_samples(labels.numpy(), band, seed)
         self.share = 1.0 if self.rows is None else len(self.rows) / len(labels)
+        self.early = None  # positions within ``rows`` of the early stage's images
+        if self.rows is not None:
+            self.early = early_samples(labels.numpy()[self.rows], band, seed)
         self.passes = 0.0
 
     @property
@@ -166,9 +176,36 @@ class _Stages:
         """The first stage's images (also those the estimate's output sensitivity is taken on)."""
         return self.images if self.rows is None else self.images[torch.as_tensor(self.rows)]
 
+    def describe(self) -> str:
+        """The stages' image counts before the last, e.g. "8, then 32"."""
+        if self.rows is None:
+            return str(len(self.labels))
+        early = f"{len(self.early)}, then " if self.early is not None else ""
+        return f"{early}{len(self.rows)}"
+
     def first(self, units: Sequence[int]) -> CausalEffects:
         self.passes += len(units) * self.share
         return self._on(units, self.rows, self.share)
+
+    def band_units(self, units, values, edge) -> tuple[CausalEffects, dict]:
+        """(effects on the first stage's images of the ``units`` the early stage did not
+        settle, {unit: early mean KL} of those it did); ``values`` place the edge."""
+        if self.early is None:
+            return self.first(units), {}
+        total = len(self.labels)
+        early_share = len(self.early) / total
+        self.passes += len(units) * early_share
+        early = self._on(units, self.rows[self.early], early_share)
+        kept, settled = self._settle(early, values, edge)
+        if self.progress is not None:
+            self.progress(len(settled) * (1 - early_share))
+        later = np.setdiff1d(np.arange(len(self.rows)), self.early)
+        later_share = len(later) / total
+        self.passes += len(kept) * later_share
+        if not kept:
+            return early.subset(np.array([], dtype=np.int64)), settled
+        more = self._on(kept, self.rows[later], later_share)
+        return join_samples([(more, later), (early, self.early)]), settled
 
     def second(self, partial: CausalEffects, values, edge) -> tuple[CausalEffects, dict]:
         """(effects of the units scored on every image, {unit: subsample mean KL} of the units
@@ -176,21 +213,26 @@ class _Stages:
         with the subsample means."""
         if self.rows is None:
             return partial, {}
-        means = partial.kl.mean(axis=1).tolist()
-        ids = partial.unit_ids.tolist()
-        spreads = sample_spread(partial.kl, len(self.labels), self.band).tolist()
-        spread = dict(zip(ids, spreads, strict=True))
-        inside = edge.band(values | dict(zip(ids, means, strict=True)), spread)
-        kept = [row for row, unit in enumerate(ids) if unit in inside]
-        sampled = {u: m for u, m in zip(ids, means, strict=True) if u not in inside}
+        kept, sampled = self._settle(partial, values, edge)
         if self.progress is not None:
             self.progress(len(sampled) * (1 - self.share))
         self.passes += len(kept) * (1 - self.share)
         if not kept:
             return partial.subset(np.array([], dtype=np.int64)), sampled
         other = np.setdiff1d(np.arange(len(self.labels)), self.rows)
-        second = self._on([ids[row] for row in kept], other, 1 - self.share)
+        second = self._on(kept, other, 1 - self.share)
         return join_samples([(second, other), (partial, self.rows)]), sampled
+
+    def _settle(self, partial: CausalEffects, values, edge) -> tuple[list[int], dict]:
+        """(units still within z standard errors of the edge, {unit: mean KL so far} of the
+        others): the edge placed by ``values`` with these units' means."""
+        means = partial.kl.mean(axis=1).tolist()
+        ids = partial.unit_ids.tolist()
+        spreads = sample_spread(partial.kl, len(self.labels), self.band).tolist()
+        spread = dict(zip(ids, spreads, strict=True))
+        inside = edge.band(values | dict(zip(ids, means, strict=True)), spread)
+        kept = [unit for unit in ids if unit in inside]
+        return kept, {u: m for u, m in zip(ids, means, strict=True) if u not in inside}
 
     def _on(self, units, rows, share) -> CausalEffects:
         """Exact effects of ``units`` on the calibration ``rows`` (None: all of them)."""

@@ -603,6 +603,7 @@ class Lever:
     screen: bool = False  # first-order screening
     band: bool = False  # exact scoring only near the cut (cswap.banded)
     sample_fraction: float = 0.25  # with band: its units on this share of the images first
+    early_fraction: float = 0.25  # with band: and on this share of those before that
     edges: int = len(SPEED_CUTS)  # with band: banded at the last this many of SPEED_CUTS
 
 
@@ -618,6 +619,8 @@ SPEED_LEVERS = {
     "onestage": Lever(prefix=True, per_pass=None, band=True, sample_fraction=0.0),
     # banded at the 50% cut only, as a progressive round is banded at its next cut only
     "oneedge": Lever(prefix=True, per_pass=None, band=True, edges=1),
+    # two stages (the first on sample_fraction of the images, then the rest): no early stage
+    "twostage": Lever(prefix=True, per_pass=None, band=True, early_fraction=0.0),
     # cswap prune's scoring levers, banded at every cut this round is judged at (a progressive
     # run's round has one: its next cut)
     "default": Lever(prefix=True, per_pass=None, band=True),
@@ -770,7 +773,9 @@ def _lever_round(prepared, compensation, lever: Lever, seed, batch_size, memory_
             # banded at every cut the round is judged at (with one edge, at the last only)
             horizon=[cut * prepared.space.params_total for cut in SPEED_CUTS[-lever.edges :]],
             cost_kind="params",
-            band=BandConfig(sample_fraction=lever.sample_fraction),
+            band=BandConfig(
+                sample_fraction=lever.sample_fraction, early_fraction=lever.early_fraction
+            ),
             category_config=config,
             seed=seed,
         )

@@ -51,7 +51,10 @@ class BandConfig:
     exactly on a stratified ``sample_fraction`` of the calibration images (at least
     ``min_samples`` of them); a unit whose subsample mean KL per cost lies more than ``z``
     standard errors of that mean (log scale, relative error floored at ``min_relative_se``)
-    from the edge is decided on that mean; only the rest are scored on the other images too."""
+    from the edge is decided on that mean; only the rest are scored on the other images too.
+    An earlier stage (``early_fraction`` > 0) scores the band's units on ``early_fraction`` of
+    the first stage's images (at least ``early_min_samples``) before that, with the same rule;
+    the units fitting the estimate's scale start at the first stage."""
 
     z: float = 2.0
     per_group: int = 4
@@ -60,12 +63,16 @@ class BandConfig:
     sample_fraction: float = 0.25
     min_samples: int = 32
     min_relative_se: float = 0.1
+    early_fraction: float = 0.25
+    early_min_samples: int = 8
 
     def __post_init__(self) -> None:
         if self.z <= 0 or self.per_group < 2 or self.min_sd < 0 or self.max_exact < 0:
             raise ValueError("band needs z > 0, per_group >= 2, min_sd >= 0 and max_exact >= 0.")
         if not 0 <= self.sample_fraction < 1 or self.min_samples < 2:
             raise ValueError("band needs 0 <= sample_fraction < 1 and min_samples >= 2.")
+        if not 0 <= self.early_fraction < 1 or self.early_min_samples < 2:
+            raise ValueError("band needs 0 <= early_fraction < 1 and early_min_samples >= 2.")
 
 
 @dataclass(frozen=True)
@@ -281,9 +288,20 @@ def split_samples(labels: np.ndarray, config: BandConfig, seed: int = 0) -> np.n
     images ordered by label, so every label keeps its share (``config.sample_fraction``, at least
     ``config.min_samples`` images); None when that is half the images or more (two stages would
     not save)."""
+    return _stratified(labels, config.sample_fraction, config.min_samples, seed)
+
+
+def early_samples(labels: np.ndarray, config: BandConfig, seed: int = 0) -> np.ndarray | None:
+    """Positions, within ``labels`` (the first stage's), of the early stage's images: the same
+    stratified sample of ``config.early_fraction`` of them (at least ``early_min_samples``);
+    None when that is half of them or more."""
+    return _stratified(labels, config.early_fraction, config.early_min_samples, seed + 1)
+
+
+def _stratified(labels: np.ndarray, fraction: float, minimum: int, seed: int) -> np.ndarray | None:
     count = len(labels)
-    size = max(config.min_samples, math.ceil(config.sample_fraction * count))
-    if config.sample_fraction <= 0 or 2 * size > count:
+    size = max(minimum, math.ceil(fraction * count))
+    if fraction <= 0 or 2 * size > count:
         return None
     rng = np.random.default_rng(seed)
     order = np.lexsort((rng.random(count), labels))  # by label, random within a label

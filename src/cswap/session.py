@@ -108,6 +108,7 @@ class Options:
     exact_max: int = 0  # at most this many units per round exact inside the band (0: no cap)
     # the band's units scored on this share of the calibration images first (0: all at once)
     sample_fraction: float = 0.25
+    early_fraction: float = 0.25  # and on this share of those first (0: no early stage)
     units_per_pass: int | None = None  # None: auto (1 on CPU); 0: fill memory_budget_mb
     memory_budget_mb: float = 1024.0
     # scale-out: score on Ray workers (0: in this process); ray_address joins a cluster
@@ -147,7 +148,10 @@ class Options:
 
     def band_config(self) -> BandConfig:
         return BandConfig(
-            z=self.exact_band, max_exact=self.exact_max, sample_fraction=self.sample_fraction
+            z=self.exact_band,
+            max_exact=self.exact_max,
+            sample_fraction=self.sample_fraction,
+            early_fraction=self.early_fraction,
         )
 
     def rank_config(self, allow_critical: bool | None = None) -> RankConfig:
@@ -738,6 +742,11 @@ def make_options(overrides: dict[str, Any]) -> Options:
         raise CswapError(
             f"max_memory_gb must be > 0, got {options.max_memory_gb}.",
             "use e.g. 6, or leave it unset to use what the machine has available.",
+        )
+    if not 0.0 <= options.early_fraction < 1.0:
+        raise CswapError(
+            f"early_fraction must be in [0, 1), got {options.early_fraction}.",
+            "use e.g. 0.25 (the default), or 0 for no early stage.",
         )
     if not 0.0 < options.validation_fraction < 1.0:
         raise CswapError("validation_fraction must be in (0, 1).", "use e.g. 0.5.")

@@ -381,6 +381,13 @@ def register(app: typer.Typer) -> None:
                 "0: every band unit on every image."
             ),
         ] = 0.25,
+        early_fraction: Annotated[
+            float,
+            typer.Option(
+                help="Progressive: before that, score the band on this share of those images "
+                "(at least 8) with the same rule. 0: no early stage."
+            ),
+        ] = 0.25,
         units_per_pass: Annotated[
             int | None,
             typer.Option(
@@ -450,6 +457,7 @@ def register(app: typer.Typer) -> None:
                 "exact_band": exact_band,
                 "exact_max": exact_max,
                 "sample_fraction": sample_fraction,
+                "early_fraction": early_fraction,
                 "units_per_pass": units_per_pass,
                 "memory_budget_mb": memory_budget_mb,
                 "workers": workers,
