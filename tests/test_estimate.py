@@ -335,3 +335,20 @@ def test_sample_spread_is_the_relative_standard_error_of_the_subsample_mean():
     assert spread[0] == pytest.approx(math.exp(2.0 * error / 3.0))
     assert spread[1] == pytest.approx(math.exp(0.2))  # no change on any image: the floor
     assert spread[2] == pytest.approx(math.exp(0.2))  # no spread: the floor
+
+
+def test_output_sensitivity_label_draws_are_seeded(setting):
+    """Fewer draws than classes samples labels: the same seed gives the same sensitivity, and
+    the global random state neither changes it nor is changed."""
+    model, _space, images, *_ = setting
+    layers = ["hidden"]
+    torch.manual_seed(1)
+    first = output_sensitivity(model, layers, images[:6], draws=3, seed=5)["hidden"]
+    state = torch.get_rng_state()
+    torch.manual_seed(2)
+    again = output_sensitivity(model, layers, images[:6], draws=3, seed=5)["hidden"]
+    other = output_sensitivity(model, layers, images[:6], draws=3, seed=6)["hidden"]
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    torch.manual_seed(1)
+    output_sensitivity(model, layers, images[:6], draws=3, seed=5)
+    assert torch.equal(torch.get_rng_state(), state)

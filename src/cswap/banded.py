@@ -91,7 +91,9 @@ def banded_categorization(
     if compensation is not None:
         compensation = compensation.with_base(model, space, removed)
     stages = _Stages(score, images, labels, band, seed, progress)
-    costs = _estimates(model, space, compensation, removed, units, stages.images_first, device)
+    costs = _estimates(
+        model, space, compensation, removed, units, stages.images_first, device, seed
+    )
     if not costs:
         effects = score(units=units, images=images, labels=labels, progress=progress)
         categorization = categorize(effects, category_config)
@@ -252,7 +254,7 @@ def _scaled(progress: Callable[[float], None], share: float, amount: float) -> N
     progress(amount * share)
 
 
-def _estimates(model, space, compensation, removed, units, images, device) -> dict[int, float]:
+def _estimates(model, space, compensation, removed, units, images, device, seed):
     """Sensitivity-weighted reconstruction costs on the model as it stands (``removed`` gone,
     compensated); {} without a refit (no unit then has an estimate, see reconstruction_costs)."""
     if compensation is None or not compensation.bases:
@@ -262,7 +264,7 @@ def _estimates(model, space, compensation, removed, units, images, device) -> di
     model.eval()
     try:
         with stage("output sensitivity"), intervention(model, space, removed, compensation):
-            sensitivity = output_sensitivity(model, layers, images, device=device)
+            sensitivity = output_sensitivity(model, layers, images, device=device, seed=seed)
     finally:
         model.train(was_training)
     return reconstruction_costs(space, compensation, units, sensitivity)

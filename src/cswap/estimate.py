@@ -128,13 +128,15 @@ def output_sensitivity(
     batch_size: int = 64,
     device: str = "cpu",
     draws: int = 16,
+    seed: int = 0,
 ) -> dict[str, torch.Tensor]:
     """Per layer of ``layers`` and output channel o: E_x sum_c p_c(x) |d log p_c(x) / d y_o(x)|^2
     (summed over positions or tokens), the diagonal of the Fisher information that the
     predictions hold about the layer's output channels: how much an output error of that channel
     moves the predictions (KL ~ 1/2 error^T F error). ``model`` as it computes now (run it inside
     ``cswap.intervene.removed`` for the current removal). With more than ``draws`` classes the
-    sum over classes is estimated by ``draws`` labels drawn from p(x) (unbiased)."""
+    sum over classes is estimated by ``draws`` labels drawn from p(x) (unbiased; seeded by
+    ``seed``, so a run is repeatable)."""
     modules = dict(model.named_modules())
     outputs: dict[str, torch.Tensor] = {}
     handles = [
@@ -144,12 +146,13 @@ def output_sensitivity(
         for layer in layers
     ]
     totals = {layer: torch.zeros(0) for layer in layers}
+    generator = torch.Generator(device=device).manual_seed(seed)
     try:
         with torch.enable_grad():
             for start in range(0, len(images), batch_size):
                 x = images[start : start + batch_size].to(device).requires_grad_(True)
                 log_p = torch.log_softmax(model(x), dim=1)
-                for weight, chosen in _label_draws(log_p.detach().exp(), draws):
+                for weight, chosen in _label_draws(log_p.detach().exp(), draws, generator):
                     picked = log_p.gather(1, chosen.view(-1, 1)).squeeze(1)
                     grads = torch.autograd.grad(
                         picked.sum(), [outputs[layer] for layer in layers], retain_graph=True
@@ -163,7 +166,7 @@ def output_sensitivity(
     return {layer: (total / len(images)).cpu() for layer, total in totals.items()}
 
 
-def _label_draws(probabilities: torch.Tensor, draws: int):
+def _label_draws(probabilities: torch.Tensor, draws: int, generator: torch.Generator):
     """(per-sample weight, label per sample) pairs whose weighted sum over the pairs is the sum
     over classes with weight p_c(x): every class when few, else ``draws`` labels from p(x)."""
     samples, classes = probabilities.shape
@@ -171,7 +174,7 @@ def _label_draws(probabilities: torch.Tensor, draws: int):
         for c in range(classes):
             yield probabilities[:, c], torch.full((samples,), c, device=probabilities.device)
         return
-    chosen = torch.multinomial(probabilities, draws, replacement=True)
+    chosen = torch.multinomial(probabilities, draws, replacement=True, generator=generator)
     for j in range(draws):
         yield torch.full((samples,), 1.0 / draws, device=probabilities.device), chosen[:, j]
 
