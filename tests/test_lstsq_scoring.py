@@ -15,7 +15,7 @@ from torch import nn
 
 from conftest import TinyNet, randomize_batchnorm
 from cswap.compensation import measure_means
-from cswap.intervene import consumer_masks, hook_count, removed_each
+from cswap.intervene import BaseRemoval, consumer_masks, hook_count, removed, removed_each
 from cswap.scoring import causal_effects
 from cswap.units import discover_units
 
@@ -187,3 +187,29 @@ def test_the_lstsq_pruned_model_equals_an_independent_refit(setting):
         expected = _oracle_model(model, space, units, inputs)(images)
         assert torch.allclose(pruned(images), expected, rtol=1e-7, atol=1e-9)
         assert not torch.allclose(model(images), expected, atol=1e-3)
+
+
+def test_an_open_base_removal_plus_a_unit_is_removed_of_both_bit_for_bit(setting):
+    """BaseRemoval.plus replaces only the unit's consumer layers' hooks; the model then computes
+    exactly what ``removed`` of the base and the unit computes (lstsq, mean and plain), an
+    error inside ``plus`` restores the base, and leaving puts every weight back."""
+    model, space, images, _labels, lstsq, _ = setting
+    mean = measure_means(model, space, images, mode="mean")
+    base, scored = _pick(space)
+    intact = model(images)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    for compensation in (lstsq, mean, None):
+        with removed(model, space, base, compensation):
+            base_out = model(images)
+        with BaseRemoval(model, space, base, compensation) as open_base:
+            for unit in scored:
+                with open_base.suspended(), removed(model, space, [*base, unit], compensation):
+                    expected = model(images)
+                with open_base.plus(unit):
+                    assert torch.equal(model(images), expected)
+                assert torch.equal(model(images), base_out)
+            with pytest.raises(RuntimeError), open_base.plus(scored[0]):
+                raise RuntimeError("inside an intervention")
+            assert torch.equal(model(images), base_out)
+        assert hook_count(model) == 0 and torch.equal(model(images), intact)
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())

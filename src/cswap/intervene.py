@@ -120,23 +120,121 @@ def removed(
                 handles.append(modules[layer].register_forward_pre_hook(hook))
             yield model
             return
-        for (layer, dim), indices in consumer_masks(space, units).items():
-            index_tensor = torch.tensor(sorted(set(indices)), dtype=torch.long)
-            handles.append(modules[layer].register_forward_pre_hook(_mask_hook(dim, index_tensor)))
-        if compensation is not None:
-            for layer, (dim, indices) in consumer_indices(space, units).items():
-                module = modules[layer]
-                if compensation.refits(layer):
-                    weight, bias = compensation.refit(module, layer, indices)
-                    handles.append(_WeightSwap(module, weight, bias, 1 if dim == 1 else -1))
-                else:
-                    delta = compensation.delta(module, layer, indices)
-                    out_dim = 1 if dim == 1 else -1
-                    handles.append(module.register_forward_hook(_shift_hook(out_dim, delta)))
+        plans = _layer_plans(
+            modules, consumer_masks(space, units), consumer_indices(space, units), compensation
+        )
+        for layer, plan in plans.items():
+            handles += _install(modules[layer], plan)
         yield model
     finally:
         for handle in reversed(handles):
             handle.remove()
+
+
+def _layer_plans(modules, masks, inputs, compensation) -> dict[str, list[tuple]]:
+    """Per consumer layer, the hooks that compute a removal there, as values ready to install
+    (``_install``): the masks of the removed inputs (``masks``: (layer, dim) -> indices, as
+    ``consumer_masks``) and, with ``compensation``, the refitted weights or the folded shift
+    (``inputs``: layer -> (dim, indices), as ``consumer_indices``)."""
+    plans: dict[str, list[tuple]] = defaultdict(list)
+    for (layer, dim), indices in masks.items():
+        plans[layer].append(("mask", dim, torch.tensor(sorted(set(indices)), dtype=torch.long)))
+    if compensation is None:
+        return plans
+    for layer, (dim, indices) in inputs.items():
+        module, out_dim = modules[layer], 1 if dim == 1 else -1
+        if compensation.refits(layer):
+            weight, bias = compensation.refit(module, layer, indices)
+            plans[layer].append(("refit", weight, bias, out_dim))
+        else:
+            plans[layer].append(("shift", compensation.delta(module, layer, indices), out_dim))
+    return plans
+
+
+def _install(module: nn.Module, plan: list[tuple]) -> list:
+    """Attach one layer's planned hooks; returns their handles (``remove()`` undoes each)."""
+    handles = []
+    for kind, *values in plan:
+        if kind == "mask":
+            handles.append(module.register_forward_pre_hook(_mask_hook(*values)))
+        elif kind == "refit":
+            weight, bias, out_dim = values
+            handles.append(_WeightSwap(module, weight, bias, out_dim))
+        else:
+            delta, out_dim = values
+            handles.append(module.register_forward_hook(_shift_hook(out_dim, delta)))
+    return handles
+
+
+class BaseRemoval:
+    """``removed(model, space, base, compensation)`` held open for many interventions on top of
+    it: ``plus(unit)`` computes what ``removed`` of ``base`` and ``unit`` computes (the same
+    hooks, bit for bit) by replacing the hooks of the unit's consumer layers only, so an
+    intervention costs its own layers whatever the size of ``base``. Use as a context."""
+
+    def __init__(self, model, space: UnitSpace, base: Iterable[int], compensation) -> None:
+        self.modules = dict(model.named_modules())
+        self.space, self.compensation = space, compensation
+        self.units = base = sorted(set(base))
+        self.masks, self.inputs = consumer_masks(space, base), consumer_indices(space, base)
+        self.plans = _layer_plans(self.modules, self.masks, self.inputs, compensation)
+        self.handles: dict[str, list] = {}
+
+    def __enter__(self) -> BaseRemoval:
+        try:
+            for layer, plan in self.plans.items():
+                self.handles[layer] = _install(self.modules[layer], plan)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        for layer in list(self.handles):
+            for handle in reversed(self.handles.pop(layer)):
+                handle.remove()
+        return False
+
+    @contextmanager
+    def suspended(self) -> Iterator[None]:
+        """The model as it is without the base removal (for code that installs it itself)."""
+        self.__exit__()
+        try:
+            yield
+        finally:
+            self.__enter__()
+
+    def _plans_with(self, unit: int) -> dict[str, list[tuple]]:
+        """The plans of the unit's consumer layers for the base and the unit removed."""
+        own_masks = consumer_masks(self.space, [unit])
+        layers = {layer for layer, _ in own_masks}
+        masks = {key: list(v) for key, v in self.masks.items() if key[0] in layers}
+        for key, indices in own_masks.items():
+            masks[key] = masks.get(key, []) + indices
+        inputs = {}
+        for layer, (dim, indices) in consumer_indices(self.space, [unit]).items():
+            base_dim, base_indices = self.inputs.get(layer, (dim, []))
+            inputs[layer] = (base_dim, [*base_indices, *indices])
+        return _layer_plans(self.modules, masks, inputs, self.compensation)
+
+    @contextmanager
+    def plus(self, unit: int) -> Iterator[None]:
+        layers = sorted({target.layer for target in self.space.units[unit].targets})
+        swapped: dict[str, list] = {}
+        try:
+            for layer in layers:  # first: a refit reads the consumer's own weights
+                for handle in reversed(self.handles.pop(layer, [])):
+                    handle.remove()
+                swapped[layer] = []  # a failure from here on still restores the base
+            plans = self._plans_with(unit)
+            for layer in layers:
+                swapped[layer] = _install(self.modules[layer], plans[layer])
+            yield
+        finally:
+            for layer, handles in swapped.items():
+                for handle in reversed(handles):
+                    handle.remove()
+                self.handles[layer] = _install(self.modules[layer], self.plans.get(layer, []))
 
 
 def _blocked_mask_hook(dim: int, keep: torch.Tensor):

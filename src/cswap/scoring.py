@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from cswap.compensation import Compensation
-from cswap.intervene import removed, removed_each
+from cswap.intervene import BaseRemoval, removed_each
 from cswap.suffix import SuffixRunner, try_suffix_runner
 from cswap.units import UnitSpace
 
@@ -180,14 +180,14 @@ def _repeat(value, copies: int, batch: int):
     return value
 
 
-def _intervene(model, space, runner, units, already, rows, cut, batch, caches, compensation):
+def _intervene(model, space, runner, units, base, rows, cut, batch, caches, compensation):
     """(row, logits) for every unit row in ``rows``: one pass for all of them when batching
-    applies, else one pass each."""
+    applies, else one pass each; ``base``: the open removal of the units already removed."""
     k, size = len(rows), len(batch)
     # batching through a cached suffix needs every batch-carrying value to be recognisable
     if k > 1 and (cut is None or size > 1):
         chunk = [units[row] for row in rows]
-        with removed_each(model, space, already, chunk, compensation):
+        with base.suspended(), removed_each(model, space, base.units, chunk, compensation):
             if cut is None:
                 logits = model(batch.repeat(k, *([1] * (batch.dim() - 1))))
             else:
@@ -197,7 +197,7 @@ def _intervene(model, space, runner, units, already, rows, cut, batch, caches, c
             return [(row, logits[i * size : (i + 1) * size]) for i, row in enumerate(rows)]
     results = []
     for row in rows:
-        with removed(model, space, [*already, units[row]], compensation):
+        with base.plus(units[row]):
             logits = model(batch) if cut is None else runner.run_from(cut, caches[cut])
         results.append((row, logits))
     return results
@@ -262,34 +262,27 @@ def causal_effects(
         with torch.no_grad():
             for start in range(0, len(images), batch_size):
                 batch = images[start : start + batch_size].to(device)
-                with removed(model, space, already, compensation), _ActivationMeter(model) as meter:
-                    if runner is not None:
-                        logits, caches = runner.full(batch)
-                    else:
-                        logits, caches = model(batch), {}
-                if per_pass == 0:
-                    per_image = max(1, meter.elements // len(batch)) * batch.element_size()
-                    per_pass = int(memory_budget_mb * 2**20 // (per_image * len(batch)))
-                    per_pass = max(1, min(64, per_pass))
-                outcomes.set_baseline(start, logits)
-                for cut, rows in by_cut.items():
-                    for first in range(0, len(rows), per_pass):
-                        chunk = rows[first : first + per_pass]
-                        for row, intervened_logits in _intervene(
-                            model,
-                            space,
-                            runner,
-                            units,
-                            already,
-                            chunk,
-                            cut,
-                            batch,
-                            caches,
-                            compensation,
-                        ):
-                            outcomes.add(row, start, intervened_logits)
-                            if progress is not None:
-                                progress(len(batch) / len(images))
+                with BaseRemoval(model, space, already, compensation) as base:
+                    with _ActivationMeter(model) as meter:
+                        if runner is not None:
+                            logits, caches = runner.full(batch)
+                        else:
+                            logits, caches = model(batch), {}
+                    if per_pass == 0:
+                        per_image = max(1, meter.elements // len(batch)) * batch.element_size()
+                        per_pass = int(memory_budget_mb * 2**20 // (per_image * len(batch)))
+                        per_pass = max(1, min(64, per_pass))
+                    outcomes.set_baseline(start, logits)
+                    for cut, rows in by_cut.items():
+                        for first in range(0, len(rows), per_pass):
+                            chunk = rows[first : first + per_pass]
+                            for row, intervened_logits in _intervene(
+                                model, space, runner, units, base, chunk, cut, batch, caches,
+                                compensation,
+                            ):  # fmt: skip
+                                outcomes.add(row, start, intervened_logits)
+                                if progress is not None:
+                                    progress(len(batch) / len(images))
     finally:
         model.train(was_training)
     return outcomes.effects(units)
