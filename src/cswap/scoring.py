@@ -203,6 +203,19 @@ def _intervene(model, space, runner, units, base, rows, cut, batch, caches, comp
     return results
 
 
+def _batch_interventions(
+    model, space, runner, units, base, by_cut, per_pass, batch, caches, compensation
+):
+    """(row, logits) of every unit on one calibration batch, ``per_pass`` units per pass, the
+    units of one cut layer together (they share its cached prefix)."""
+    for cut, rows in by_cut.items():
+        for first in range(0, len(rows), per_pass):
+            chunk = rows[first : first + per_pass]
+            yield from _intervene(
+                model, space, runner, units, base, chunk, cut, batch, caches, compensation
+            )
+
+
 def remaining_units(space: UnitSpace, already_removed: Sequence[int]) -> list[int]:
     """Every unit of ``space`` not in ``already_removed``, in id order."""
     gone = set(already_removed)
@@ -273,16 +286,13 @@ def causal_effects(
                         per_pass = int(memory_budget_mb * 2**20 // (per_image * len(batch)))
                         per_pass = max(1, min(64, per_pass))
                     outcomes.set_baseline(start, logits)
-                    for cut, rows in by_cut.items():
-                        for first in range(0, len(rows), per_pass):
-                            chunk = rows[first : first + per_pass]
-                            for row, intervened_logits in _intervene(
-                                model, space, runner, units, base, chunk, cut, batch, caches,
-                                compensation,
-                            ):  # fmt: skip
-                                outcomes.add(row, start, intervened_logits)
-                                if progress is not None:
-                                    progress(len(batch) / len(images))
+                    for row, intervened in _batch_interventions(
+                        model, space, runner, units, base, by_cut, per_pass, batch, caches,
+                        compensation,
+                    ):  # fmt: skip
+                        outcomes.add(row, start, intervened)
+                        if progress is not None:
+                            progress(len(batch) / len(images))
     finally:
         model.train(was_training)
     return outcomes.effects(units)
