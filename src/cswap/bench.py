@@ -35,7 +35,7 @@ from cswap import api
 from cswap.categorize import ESTIMATED, RankConfig, Ranking, causal_ranking
 from cswap.criteria import CRITERIA
 from cswap.errors import CswapError
-from cswap.inputs import check_out_dir
+from cswap.inputs import check_out_dir, resident_bytes
 from cswap.intervene import removed as intervention
 from cswap.measure import measure_latency, predict
 from cswap.schedule import ScheduleConfig, oneshot
@@ -652,11 +652,7 @@ class _PeakMemory:
 
 
 def _rss_mb() -> float:
-    import os
-
-    with open("/proc/self/statm") as handle:
-        pages = int(handle.read().split()[1])
-    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+    return (resident_bytes() or 0) / 2**20
 
 
 def speed_bench(

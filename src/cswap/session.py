@@ -729,11 +729,25 @@ def make_options(overrides: dict[str, Any]) -> Options:
             f"exact_max must be >= 0, got {options.exact_max}.",
             "use e.g. 300 (units per round scored exactly inside the band), or 0 for no cap.",
         )
-    if not 0.0 <= options.sample_fraction < 1.0:
-        raise CswapError(
-            f"sample_fraction must be in [0, 1), got {options.sample_fraction}.",
-            "use e.g. 0.25 (the default), or 0 to score the band on every image at once.",
-        )
+    _check_stages_and_limits(options)
+    if not 0.0 < options.validation_fraction < 1.0:
+        raise CswapError("validation_fraction must be in (0, 1).", "use e.g. 0.5.")
+    _check_workers(options)
+    return options
+
+
+def _check_stages_and_limits(options: Options) -> None:
+    """The band's image shares and the run's time / memory limits."""
+    for name, zero in (
+        ("sample_fraction", "0 to score the band on every image at once"),
+        ("early_fraction", "0 for no early stage"),
+    ):
+        value = getattr(options, name)
+        if not 0.0 <= value < 1.0:
+            raise CswapError(
+                f"{name} must be in [0, 1), got {value}.",
+                f"use e.g. 0.25 (the default), or {zero}.",
+            )
     if not options.grouping_seconds > 0:
         raise CswapError(
             f"grouping_seconds must be > 0, got {options.grouping_seconds}.", "use e.g. 60."
@@ -743,15 +757,6 @@ def make_options(overrides: dict[str, Any]) -> Options:
             f"max_memory_gb must be > 0, got {options.max_memory_gb}.",
             "use e.g. 6, or leave it unset to use what the machine has available.",
         )
-    if not 0.0 <= options.early_fraction < 1.0:
-        raise CswapError(
-            f"early_fraction must be in [0, 1), got {options.early_fraction}.",
-            "use e.g. 0.25 (the default), or 0 for no early stage.",
-        )
-    if not 0.0 < options.validation_fraction < 1.0:
-        raise CswapError("validation_fraction must be in (0, 1).", "use e.g. 0.5.")
-    _check_workers(options)
-    return options
 
 
 def _check_workers(options: Options) -> None:
