@@ -193,7 +193,7 @@ def test_lstsq_falls_back_to_the_mean_for_a_layer_too_wide_for_its_gram_matrix()
     model = nn.Sequential(
         nn.Linear(3, 9000), nn.ReLU(), nn.Linear(9000, 16), nn.ReLU(), nn.Linear(16, 2)
     ).eval()
-    x = torch.randn(64, 3)
+    x = torch.randn(80, 3)  # 4 rows per feature of the narrow layer (16 + 1 features)
     space = discover_units(model, x[:1])
     lstsq = measure_means(model, space, x, mode="lstsq", memory_gb=1.0)
     assert set(lstsq.fallback) == {"2"} and "memory budget of 1 GiB" in lstsq.fallback["2"]
@@ -212,6 +212,43 @@ def test_lstsq_falls_back_to_the_mean_for_a_layer_too_wide_for_its_gram_matrix()
         by_mean = prune_copy(model, space, units, x[:1], mean)
         assert torch.allclose(pruned[2].bias, by_mean[2].bias, rtol=1e-6, atol=1e-7)
         assert not torch.allclose(pruned[4].weight, by_mean[4].weight)
+
+
+@pytest.mark.parametrize(
+    ("model", "shape", "few", "enough"),
+    [  # Linear: one row per image, 9 + 1 features -> 40 images; conv 3x3 with stride 2 on a
+        # 5x5 input: 4 rows per image (2x2 outputs), 4 * 9 + 1 features -> 37 images
+        (lambda: nn.Sequential(nn.Linear(3, 9), nn.ReLU(), nn.Linear(9, 2)), (3,), 39, 40),
+        (
+            lambda: nn.Sequential(
+                nn.Conv2d(1, 4, 3),
+                nn.ReLU(),
+                nn.Conv2d(4, 2, 3, stride=2),
+                nn.AdaptiveAvgPool2d(1),
+                nn.Flatten(),
+            ),
+            (1, 7, 7),
+            36,
+            37,
+        ),
+    ],
+)
+def test_lstsq_refits_only_layers_with_four_calibration_rows_per_feature(model, shape, few, enough):
+    torch.manual_seed(0)
+    model = model().eval()
+    x = torch.randn(enough, *shape)
+    space = discover_units(model, x[:1])
+    short = measure_means(model, space, x[:few], mode="lstsq")
+    assert set(short.fallback) == {"2"} and not short.refits("2") and not short.grams
+    assert f"{few * (4 if len(shape) == 3 else 1):,} rows" in short.fallback["2"]
+    assert "lstsq_min_rows" in short.fallback["2"]
+    assert measure_means(model, space, x, mode="lstsq").refits("2")
+    assert measure_means(model, space, x[:few], mode="lstsq", min_rows=1.0).refits("2")
+    with torch.no_grad(), removed(model, space, [0], short):  # the mean fold, not a refit
+        masked = model(x)
+    mean = measure_means(model, space, x[:few], mode="mean")
+    with torch.no_grad(), removed(model, space, [0], mean):
+        assert torch.equal(masked, model(x))
 
 
 def test_compensation_needs_images():

@@ -352,3 +352,144 @@ def test_output_sensitivity_label_draws_are_seeded(setting):
     torch.manual_seed(1)
     output_sensitivity(model, layers, images[:6], draws=3, seed=5)
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def _growth(module, rows, before, channel_sets, weights):
+    """Oracle: objective growth of removing each set after the ones before it (numpy lstsq)."""
+    gone, previous, steps = set(before), None, []
+    previous = _objective(module, rows, gone)
+    for channels in channel_sets:
+        gone |= set(channels)
+        now = _objective(module, rows, gone)
+        steps.append(((now - previous) * weights).sum())
+        previous = now
+    return np.array(steps)
+
+
+def test_sequential_costs_add_up_to_the_growth_of_the_refit_of_the_union(setting):
+    model, space, _images, _labels, lstsq, inputs = setting
+    by_root = {group.root: group.unit_ids for group in space.groups}
+    base = (by_root["body.3"][0], by_root["down.0"][1])
+    compensation = lstsq.with_base(model, space, base)
+    base_inputs = consumer_indices(space, base)
+    for root in ("body.3", "down.0", "hidden"):
+        order = [u for u in reversed(by_root[root]) if u not in base][:4]
+        for position, target in enumerate(space.units[order[0]].targets):
+            module = model.get_submodule(target.layer)
+            rows = _rows(module, inputs[target.layer])
+            sets = [space.units[u].targets[position].indices for u in order]
+            basis = compensation.bases[target.layer][1]
+            weights = torch.rand(module.weight.shape[0], generator=torch.Generator().manual_seed(1))
+            before = base_inputs.get(target.layer, (0, []))[1]
+            expected = _growth(module, rows, before, sets, weights.numpy())
+            found = basis.sequential(sets, weights)
+            assert found == pytest.approx(expected, rel=1e-6, abs=1e-12)
+            assert found[0] == pytest.approx(basis.removal_cost(sets[0], weights), rel=1e-9)
+
+
+def test_joint_damage_adds_the_refits_interaction_along_each_groups_order(setting):
+    from cswap.estimate import joint_damage
+
+    model, space, _images, _labels, lstsq, inputs = setting
+    compensation = lstsq.with_base(model, space, ())
+    group = next(g for g in space.groups if g.root == "body.0")
+    units = list(group.unit_ids)
+    rng = np.random.default_rng(0)
+    kl = {u: float(v) for u, v in zip(units, rng.uniform(0.01, 1.0, len(units)), strict=True)}
+    costs = {u: 10.0 for u in units}
+    joint = joint_damage(space, compensation, kl, costs)
+    assert sorted(joint) == sorted(units)
+    order = sorted(units, key=lambda u: kl[u])
+    along = np.zeros(len(order))
+    alone = np.zeros(len(order))
+    for position, target in enumerate(space.units[order[0]].targets):
+        module = model.get_submodule(target.layer)
+        rows = _rows(module, inputs[target.layer])
+        ones = np.ones(module.weight.shape[0])
+        sets = [space.units[u].targets[position].indices for u in order]
+        along += _growth(module, rows, (), sets, ones)
+        alone += [_growth(module, rows, (), [s], ones)[0] for s in sets]
+    scale = np.median([kl[u] / a for u, a in zip(order, alone, strict=True)])
+    values = [kl[u] + scale * (s - a) for u, s, a in zip(order, along, alone, strict=True)]
+    values = np.maximum(values, 0)
+    expected = np.maximum.accumulate(values)  # equal costs: the running maximum of the damage
+    assert [joint[u] for u in order] == pytest.approx(expected, rel=1e-6)
+    assert joint[order[0]] == pytest.approx(kl[order[0]], rel=1e-9)  # first: its own KL
+    # mean compensation has no refit: no joint damage
+    mean = measure_means(model, space, _images, mode="mean")
+    assert joint_damage(space, mean, kl, costs) == {}
+
+
+def test_ranking_uses_the_joint_damage_where_it_was_estimated():
+    from dataclasses import replace
+
+    from cswap.categorize import RankConfig, causal_ranking
+
+    effects_kl = np.array([0.1, 0.2, 0.3, 0.4])
+    categorization = _categorization_with(effects_kl)
+    joint = replace(categorization, joint=np.array([0.1, 0.9, np.nan, 0.5]))
+    costs = {0: 1.0, 1: 1.0, 2: 1.0, 3: 1.0}
+    assert causal_ranking(joint, RankConfig(), costs).order == (0, 2, 3, 1)
+    assert causal_ranking(joint, RankConfig(joint=False), costs).order == (0, 1, 2, 3)
+    assert causal_ranking(categorization, RankConfig(), costs).order == (0, 1, 2, 3)
+
+
+def _categorization_with(kl: np.ndarray):
+    from cswap.categorize import NEUTRAL, Categorization
+
+    n = len(kl)
+    return Categorization(
+        unit_ids=np.arange(n),
+        xi=np.zeros(n),
+        tested_classes=np.zeros(0, dtype=np.int64),
+        class_means=np.zeros((n, 0)),
+        class_p_values=np.ones((n, 0)),
+        detrimental_p_values=np.ones(n),
+        categories=np.full(n, NEUTRAL, dtype=object),
+        config=CategoryConfig(),
+        log_ratio=-kl,
+        kl=kl,
+    )
+
+
+def test_mean_basis_is_the_growth_of_the_mean_folds_output_error():
+    """A Linear consumer with too few calibration rows for a refit: its estimate is the mean
+    square of W_S (x_S - mu_S) plus the cross term with the base removal's own error, computed
+    here directly on the recorded inputs (numpy), for one set and along a sequence."""
+    from torch import nn
+
+    from cswap.units import discover_units
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 12), nn.ReLU(), nn.Linear(12, 4)).double().eval()
+    x = torch.randn(20, 3, dtype=torch.float64)  # 20 rows for 13 features: mean-compensated
+    space = discover_units(model, x[:1])
+    lstsq = measure_means(model, space, x, mode="lstsq")
+    assert "2" in lstsq.fallback and not lstsq.refits("2")
+    inputs = torch.relu(model[0](x)).detach().numpy()
+    weight = model[2].weight.detach().numpy()
+    weights = np.linspace(0.5, 2.0, 4)
+
+    def error(gone):  # mean square of the fold's output error per output, weighted and summed
+        gone = sorted(gone)
+        centred = inputs[:, gone] - inputs[:, gone].mean(0)
+        return ((centred @ weight[:, gone].T) ** 2).mean(0) @ weights
+
+    base = [space.units[i].id for i in (0, 5)]
+    compensation = lstsq.with_base(model, space, base)
+    basis = compensation.estimator("2")
+    assert basis is not None and compensation.bases == {}
+    channel = [space.units[u].targets[0].indices[0] for u in range(12)]
+    before = {channel[u] for u in base}
+    sets = [[channel[u]] for u in (3, 7, 1)]
+    torch_weights = torch.tensor(weights)
+    assert basis.removal_cost(sets[0], torch_weights) == pytest.approx(
+        error(before | {channel[3]}) - error(before), rel=1e-9
+    )
+    expected, gone = [], set(before)
+    for channels in sets:
+        expected.append(error(gone | set(channels)) - error(gone))
+        gone |= set(channels)
+    assert basis.sequential(sets, torch_weights) == pytest.approx(expected, rel=1e-9)
+    costs = reconstruction_costs(space, compensation, [3, 7], {"2": torch_weights})
+    assert costs[3] == pytest.approx(expected[0], rel=1e-9)

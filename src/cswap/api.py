@@ -682,7 +682,7 @@ def _unit_entries(
         entry = unit.to_dict()
         entry["xi"] = None if row is None else _finite(first.xi[row])
         entry["category"] = None if row is None else str(first.categories[row])
-        for name in ("log_ratio", "kl"):
+        for name in ("log_ratio", "kl", "joint"):  # joint: KL with its group's earlier units
             values = None if first is None else getattr(first, name)
             entry[name] = None if values is None or row is None else _finite(values[row])
         if first is None and scores is not None:

@@ -25,7 +25,7 @@ import functools
 import logging
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -39,6 +39,7 @@ from cswap.estimate import (
     early_samples,
     exact_band,
     fit_scale,
+    joint_damage,
     output_sensitivity,
     reconstruction_costs,
     sample_spread,
@@ -80,20 +81,23 @@ def banded_categorization(
     device: str = "cpu",
     seed: int = 0,
     progress: Callable[[float], None] | None = None,
+    joint: bool = True,
 ) -> BandedRound:
     """The round's categorization with exact scoring inside the band only; ``horizon``: the
     cost (absolute, in ``cost_kind``) the schedule cuts before it ranks again, or several (each
     cut the ranking is to serve: the band is the union of their bands);
     ``score(units=..., images=..., labels=...)`` scores exactly (its model and scoring options
-    bound by the caller); ``images``, ``labels``: the calibration data."""
+    bound by the caller); ``images``, ``labels``: the calibration data; ``joint``: add each
+    unit's joint damage (``with_joint``)."""
     removed = sorted(set(already_removed))
     units = remaining_units(space, removed)
     if compensation is not None:
         compensation = compensation.with_base(model, space, removed)
     stages = _Stages(score, images, labels, band, seed, progress)
-    costs = _estimates(
+    sensitivity = _sensitivity(
         model, space, compensation, removed, units, stages.images_first, device, seed
     )
+    costs = reconstruction_costs(space, compensation, units, sensitivity)
     if not costs:
         effects = score(units=units, images=images, labels=labels, progress=progress)
         categorization = categorize(effects, category_config)
@@ -132,6 +136,10 @@ def banded_categorization(
     if progress is not None:
         progress(len(guesses) - len(sampled))  # the sampled units were counted by stages
     categorization = with_estimates(categorize(effects, category_config), guesses)
+    if joint:
+        categorization = with_joint(
+            categorization, model, space, compensation, removed, cost_kind, sensitivity
+        )
     return BandedRound(
         categorization, len(scored), len(guesses), fit.sd, tuple(sorted(sampled)), stages.passes
     )
@@ -254,17 +262,48 @@ def _scaled(progress: Callable[[float], None], share: float, amount: float) -> N
     progress(amount * share)
 
 
-def _estimates(model, space, compensation, removed, units, images, device, seed):
-    """Sensitivity-weighted reconstruction costs on the model as it stands (``removed`` gone,
-    compensated); {} without a refit (no unit then has an estimate, see reconstruction_costs)."""
-    if compensation is None or not compensation.bases:
+def _sensitivity(model, space, compensation, removed, units, images, device, seed):
+    """Output sensitivity of the consumers of ``units`` on the model as it stands (``removed``
+    gone, compensated); {} without a refit (it would weigh no estimate)."""
+    if compensation is None or not (compensation.bases or compensation.mean_bases):
         return {}  # the sensitivity pass would be wasted
     layers = sorted({t.layer for unit in units for t in space.units[unit].targets})
     was_training = model.training
     model.eval()
     try:
         with stage("output sensitivity"), intervention(model, space, removed, compensation):
-            sensitivity = output_sensitivity(model, layers, images, device=device, seed=seed)
+            return output_sensitivity(model, layers, images, device=device, seed=seed)
     finally:
         model.train(was_training)
-    return reconstruction_costs(space, compensation, units, sensitivity)
+
+
+def with_joint(
+    categorization: Categorization,
+    model: nn.Module,
+    space: UnitSpace,
+    compensation: Compensation | None,
+    removed: Sequence[int],
+    cost_kind: str,
+    sensitivity: dict[str, torch.Tensor] | None = None,
+    *,
+    images: torch.Tensor | None = None,
+    device: str = "cpu",
+    seed: int = 0,
+) -> Categorization:
+    """``categorization`` with each unit's joint damage (cswap.estimate.joint_damage) where its
+    consumers have an estimate; unchanged without lstsq. ``sensitivity``: the round's output
+    sensitivity, else taken on ``images`` (a round scored exactly)."""
+    if compensation is None or not compensation.estimates:
+        return categorization
+    removed = sorted(set(removed))
+    compensation = compensation.with_base(model, space, removed)
+    ids = categorization.unit_ids.tolist()
+    if sensitivity is None:
+        sensitivity = _sensitivity(model, space, compensation, removed, ids, images, device, seed)
+    kl = dict(zip(ids, categorization.kl.tolist(), strict=True))
+    with stage("joint damage"):
+        joint = joint_damage(
+            space, compensation, kl, space.savings(removed, cost_kind), sensitivity
+        )
+    values = np.asarray([joint.get(u, math.nan) for u in ids], dtype=np.float64)
+    return replace(categorization, joint=values)

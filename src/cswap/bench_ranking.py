@@ -27,19 +27,21 @@ from cswap.session import CausalRanker, CriterionRanker, measure_compensation
 VARIANTS: dict[str, RankConfig] = {
     "xi_categories": RankConfig("xi", per_cost=False, categories_first=True),  # the paper's order
     "logp_categories": RankConfig("logp", per_cost=False, categories_first=True),
-    "kl_categories": RankConfig("kl", per_cost=False, categories_first=True),
+    "kl_categories": RankConfig("kl", per_cost=False, categories_first=True, joint=False),
     "xi": RankConfig("xi", per_cost=False),
     "logp": RankConfig("logp", per_cost=False),
-    "kl": RankConfig("kl", per_cost=False),
+    "kl": RankConfig("kl", per_cost=False, joint=False),
     "xi_per_param": RankConfig("xi", per_cost=True),
     "logp_per_param": RankConfig("logp", per_cost=True),
-    "kl_per_param": RankConfig("kl", per_cost=True),
+    "kl_per_param": RankConfig("kl", per_cost=True, joint=False),
     "logp_per_param_categories": RankConfig("logp", per_cost=True, categories_first=True),
-    "kl_per_param_categories": RankConfig("kl", per_cost=True, categories_first=True),
+    "kl_per_param_categories": RankConfig("kl", per_cost=True, categories_first=True, joint=False),
+    # the default: KL with the group's earlier units removed (the refit's interaction), per param
+    "kl_joint_per_param": RankConfig("kl", per_cost=True),
 }
 BASELINES = ("taylor", "l1", "fpgm")
 # the default order, re-scored on the partly cut model every RESCORE_STEP of the parameters
-RESCORED = "kl_per_param_rescored"
+RESCORED = "kl_joint_per_param_rescored"
 RESCORE_STEP = 0.1
 COLUMNS = (
     "model",
@@ -57,16 +59,22 @@ def _scored(bench: _ModelBench, compensate: str, compensation, out: Path):
     """The first causal categorization of ``bench``'s model (cached) and its scoring time."""
     safe = bench.spec.replace(":", "_").replace("/", "_")
     path = out / "cache" / f"{safe}__cswap_effects__{compensate}.npz"
+    refitted = ",".join(sorted(compensation.grams or {})) if compensation is not None else ""
     if path.is_file():
         arrays = np.load(path, allow_pickle=False)
-        config = bench.options.category_config()
-        return load_categorization(arrays, "", config), float(arrays["scoring_seconds"])
+        if "refitted" in arrays and str(arrays["refitted"]) == refitted and "joint" in arrays:
+            config = bench.options.category_config()
+            return load_categorization(arrays, "", config), float(arrays["scoring_seconds"])
+    # scored under another compensation (layers refitted) or before the joint damage: again
     started = time.perf_counter()
     ranker = CausalRanker(bench.prepared, bench.options, bench.progress, compensation)
     categorization = ranker.categorization(())
     seconds = time.perf_counter() - started
     path.parent.mkdir(parents=True, exist_ok=True)
-    arrays = units_arrays(categorization) | {"scoring_seconds": np.asarray(seconds)}
+    arrays = units_arrays(categorization) | {
+        "scoring_seconds": np.asarray(seconds),
+        "refitted": np.asarray(refitted),
+    }
     np.savez(path, **arrays)
     return categorization, seconds
 

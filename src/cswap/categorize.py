@@ -83,6 +83,10 @@ class Categorization:
     # change of the true-class log-probability, and mean KL(intact || intervened)
     log_ratio: np.ndarray | None = None
     kl: np.ndarray | None = None
+    # KL of removing the unit together with the units of its group ranked before it (its own
+    # KL plus the refit's estimated interaction, cswap.estimate.joint_damage); NaN where not
+    # estimated (no lstsq refit of every consumer)
+    joint: np.ndarray | None = None
 
     def category_of(self) -> dict[int, str]:
         return {int(u): str(c) for u, c in zip(self.unit_ids, self.categories, strict=True)}
@@ -241,13 +245,19 @@ class RankConfig:
     critical units are candidates only last; the default is one order across categories
     (measured: on zoo:vit at 50% the categories-first order cuts 1 pt worse, as the margin test
     marks more units critical on a cut model and forces costlier neutral units first).
-    ``allow_critical=False`` is the paper's strict rule.
+    ``allow_critical=False`` is the paper's strict rule. ``joint`` (with ``kl``): rank by the
+    damage of removing a unit together with its group's units ranked before it
+    (``Categorization.joint``) where it was estimated: a layer of many units that each alone
+    cost nothing, because the refit rebuilds any one from the others, is not cut to the last
+    unit (measured: on EfficientNet-Lite2 at 20% of the MACs the one-shot cut keeps 92% of the
+    held-out predictions with it and 77% without).
     """
 
     statistic: str = "kl"
     per_cost: bool = True
     categories_first: bool = False
     allow_critical: bool = True
+    joint: bool = True
 
     def __post_init__(self) -> None:
         if self.statistic not in STATISTICS:
@@ -257,13 +267,16 @@ class RankConfig:
 STATISTICS = ("kl", "logp", "xi")
 
 
-def damage(categorization: Categorization, statistic: str) -> np.ndarray:
-    """Per unit, how much its removal hurts (lower is removed first)."""
+def damage(categorization: Categorization, statistic: str, joint: bool = False) -> np.ndarray:
+    """Per unit, how much its removal hurts (lower is removed first); ``joint`` (kl only): the
+    joint damage where it was estimated."""
     if statistic == "xi":
         return -categorization.xi
     values = categorization.kl if statistic == "kl" else categorization.log_ratio
     if values is None or np.isnan(values).any():
         raise ValueError(f"The {statistic!r} statistic was not measured for every unit.")
+    if statistic == "kl" and joint and categorization.joint is not None:
+        return np.where(np.isfinite(categorization.joint), categorization.joint, values)
     return values if statistic == "kl" else -values
 
 
@@ -276,7 +289,7 @@ def causal_ranking(
     removal saves (needed with ``per_cost``; a unit saving nothing goes last)."""
     config = config or RankConfig()
     units = categorization.unit_ids.tolist()
-    values = damage(categorization, config.statistic)
+    values = damage(categorization, config.statistic, config.joint)
     key = dict(zip(units, values.tolist(), strict=True))
     if config.per_cost:
         if costs is None:

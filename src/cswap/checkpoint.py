@@ -36,6 +36,7 @@ def load_categorization(arrays, prefix: str, config: CategoryConfig) -> Categori
         config=config,
         log_ratio=arrays[prefix + "log_ratio"],
         kl=arrays[prefix + "kl"],
+        joint=arrays.get(prefix + "joint", None),
     )
 
 

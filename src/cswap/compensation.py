@@ -32,9 +32,10 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -45,6 +46,13 @@ from cswap.units import UnitSpace, dependency_graph
 log = logging.getLogger(__name__)
 MODES = ("none", "mean", "lstsq")
 LSTSQ_MEMORY_GB = 4.0  # default budget for the Gram matrices and their inverses (scoring)
+# A refit needs this many rows of calibration inputs (images x output positions) per feature
+# (inputs per output + bias). Below it the least-squares fit reproduces the calibration outputs
+# whatever is removed (with as many features as rows it interpolates them: a layer after global
+# pooling reads one row per image), so both the refit and every effect scored under it hold on
+# the calibration images only. Ordinary least squares' in-sample residual is (1 - d / n) of the
+# error it makes on new inputs: at 4 rows per feature the in-sample figure is at least 3/4 of it.
+LSTSQ_MIN_ROWS = 4.0
 
 
 @dataclass(frozen=True, eq=False)
@@ -104,6 +112,85 @@ class RefitBasis:
             per_output = per_output * weights.to(per_output)
         return float(per_output.sum())
 
+    def sequential(
+        self, channel_sets: Sequence[Iterable[int]], weights: torch.Tensor | None = None
+    ) -> np.ndarray:
+        """Per channel set, in order: ``removal_cost`` of it after all the sets before it (on
+        the refit that already lost them), so the running sum is the removal cost of the union.
+        Each removal updates the inverse and the minimiser in closed form (a rank-|S|
+        downdate), no refit."""
+        inverse, theta = self.inverse.clone(), self.theta.clone()
+        costs = np.zeros(len(channel_sets))
+        for position, channels in enumerate(channel_sets):
+            rows = self.rows(channels)
+            if not len(rows):
+                continue
+            columns = inverse.index_select(1, rows)
+            block = columns.index_select(0, rows)
+            part = theta.index_select(0, rows)
+            solved = torch.linalg.solve(block, part)
+            costs[position] = _weighted((part * solved).sum(0), weights)
+            theta = theta - columns @ solved
+            inverse = inverse - columns @ torch.linalg.solve(block, columns.T)
+        return costs
+
+
+@dataclass(frozen=True)
+class MeanBasis:
+    """A mean-compensated consumer's output error under a base removal, for estimates (its
+    refit would not hold beyond the calibration images, LSTSQ_MIN_ROWS, or was not asked for).
+    Holding input block S at its means adds W_S (x_S - mu_S) to the output; its mean square per
+    output channel is the quadratic form of the inputs' covariance C (from the Gram matrix),
+    plus twice its cross term with the error the base removal already makes. The interior of a
+    convolution: where it zero-pads, the fold differs (``border_gap``)."""
+
+    per_channel: int
+    weight: torch.Tensor  # (outputs, features), float64
+    covariance: torch.Tensor  # (features, features) over the calibration rows
+    gone: torch.Tensor  # bool per feature: removed by the base removal
+
+    def rows(self, channels: Iterable[int]) -> torch.Tensor:
+        """Feature rows of input ``channels`` that the base removal kept."""
+        channels = sorted(set(channels))
+        if not channels:
+            return torch.zeros(0, dtype=torch.long)
+        offsets = torch.arange(self.per_channel)
+        rows = (torch.tensor(channels).view(-1, 1) * self.per_channel + offsets).view(-1)
+        return rows[~self.gone[rows]]
+
+    def removal_cost(self, channels: Iterable[int], weights: torch.Tensor | None = None) -> float:
+        """How much the mean square output error grows when input ``channels`` are also held
+        at their means, summed over output channels (weighted by ``weights``)."""
+        return float(self.sequential([channels], weights)[0])
+
+    def sequential(
+        self, channel_sets: Sequence[Iterable[int]], weights: torch.Tensor | None = None
+    ) -> np.ndarray:
+        """Per channel set, in order: the growth after all the sets before it (as for
+        ``RefitBasis.sequential``; the running sum is the growth of the union)."""
+        gone = self.gone.clone()
+        # C[:, gone] W[:, gone]^T: each feature's covariance with the error made so far
+        carried = self.covariance[:, gone] @ self.weight[:, gone].T
+        costs = np.zeros(len(channel_sets))
+        for position, channels in enumerate(channel_sets):
+            rows = self.rows(channels)
+            rows = rows[~gone[rows]]
+            if not len(rows):
+                continue
+            part = self.weight[:, rows]  # (outputs, |S|)
+            own = ((part @ self.covariance[rows][:, rows]) * part).sum(1)
+            cross = (part * carried[rows].T).sum(1)
+            costs[position] = _weighted(own + 2 * cross, weights)
+            carried = carried + self.covariance[:, rows] @ part.T
+            gone[rows] = True
+        return costs
+
+
+def _weighted(per_output: torch.Tensor, weights: torch.Tensor | None) -> float:
+    if weights is not None:
+        per_output = per_output * weights.to(per_output)
+    return float(per_output.sum())
+
 
 @dataclass(frozen=True, eq=False)
 class Compensation:
@@ -119,6 +206,21 @@ class Compensation:
     # lstsq: layer -> (input channels of the base removal, its refit), see ``with_base``
     bases: dict[str, tuple[frozenset[int], RefitBasis]] | None = None
     base: frozenset[int] | None = None  # the units ``bases`` were computed for
+    # lstsq: Gram matrices of layers mean-compensated for too few rows (estimates only), and
+    # their MeanBasis under the base removal
+    mean_grams: dict[str, torch.Tensor] | None = None
+    mean_bases: dict[str, tuple[frozenset[int], MeanBasis]] | None = None
+
+    @property
+    def estimates(self) -> bool:
+        """Whether some consumer has a Gram matrix to estimate removals from (lstsq)."""
+        return self.mode == "lstsq" and bool(self.grams or self.mean_grams)
+
+    def estimator(self, layer: str) -> RefitBasis | MeanBasis | None:
+        """The basis that estimates removals at ``layer`` under the base removal (``with_base``):
+        its refit, or its mean fold's error; None without a Gram matrix."""
+        found = (self.bases or {}).get(layer) or (self.mean_bases or {}).get(layer)
+        return None if found is None else found[1]
 
     def refits(self, layer: str) -> bool:
         """Whether ``layer`` is refitted (lstsq with a Gram matrix) rather than mean-shifted."""
@@ -151,7 +253,7 @@ class Compensation:
         """This compensation with every refitted consumer's refit under the removal of ``base``
         precomputed (one inverse per consumer), so that ``refit`` of ``base`` plus a few more
         units costs no linear solve of the layer's size. Scoring rounds use it."""
-        if self.mode != "lstsq" or not self.grams:
+        if not self.estimates:
             return self
         base = frozenset(base)
         if self.bases is not None and self.base == base:  # already computed for this base
@@ -161,13 +263,31 @@ class Compensation:
             layer: indices for layer, (_, indices) in consumer_indices(space, base).items()
         }
         layers = {target.layer for unit in space.units for target in unit.targets}
-        bases = {}
+        bases, mean_bases = {}, {}
         with stage("lstsq refit"):
             for layer in sorted(layers):
+                indices = frozenset(removed_inputs.get(layer, ()))
                 if self.refits(layer):
-                    indices = frozenset(removed_inputs.get(layer, ()))
                     bases[layer] = (indices, self.basis(modules[layer], layer, indices))
-        return replace(self, bases=bases, base=base)
+                elif layer in (self.mean_grams or {}):
+                    mean_bases[layer] = (indices, self.mean_basis(modules[layer], layer, indices))
+        return replace(self, bases=bases, mean_bases=mean_bases, base=base)
+
+    def mean_basis(self, module: nn.Module, layer: str, indices: Iterable[int]) -> MeanBasis:
+        """The mean fold's error at ``module`` with input channels ``indices`` removed."""
+        gram = self.mean_grams[layer]
+        mean = gram[-1, :-1]  # the ones column: each feature's mean
+        weight = module.weight.detach().to("cpu", torch.float64)
+        flat = weight.reshape(weight.shape[0], -1)
+        per_channel = flat.shape[1] // weight.shape[1]
+        gone = torch.zeros(weight.shape[1], dtype=torch.bool)
+        gone[sorted(set(indices))] = True
+        return MeanBasis(
+            per_channel=per_channel,
+            weight=flat,
+            covariance=gram[:-1, :-1] - torch.outer(mean, mean),
+            gone=gone.repeat_interleave(per_channel),
+        )
 
     def basis(self, module: nn.Module, layer: str, indices: Iterable[int]) -> RefitBasis:
         """The refit of ``module`` with input channels ``indices`` removed, kept in a form from
@@ -273,6 +393,24 @@ def lstsq_fallback(modules: dict[str, nn.Module], layers, memory_gb: float) -> d
     return fallback
 
 
+def _too_few_rows(grams: dict, rows: dict[str, int], min_rows: float) -> dict[str, str]:
+    """Layers whose Gram matrix was measured on fewer than ``min_rows`` rows per feature, with
+    why they are mean-compensated instead (LSTSQ_MIN_ROWS)."""
+    fallback = {}
+    for layer in sorted(grams):
+        features = grams[layer].shape[0]
+        if rows[layer] < min_rows * features:
+            fallback[layer] = (
+                f"{rows[layer]:,} rows of calibration inputs for {features:,} features: a "
+                f"refit needs {min_rows:g} per feature (lstsq_min_rows) to hold beyond the "
+                "calibration images; more calibration images give it more rows"
+            )
+            log.warning(
+                "lstsq compensation: %s is mean-compensated instead (%s)", layer, fallback[layer]
+            )
+    return fallback
+
+
 def _features(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """(rows, features + 1): the inputs each output is computed from, with a ones column."""
     x = x.detach().to(torch.float64)
@@ -303,9 +441,12 @@ def measure_means(
     mode: str = "mean",
     ridge: float = 1e-3,
     memory_gb: float = LSTSQ_MEMORY_GB,
+    min_rows: float = LSTSQ_MIN_ROWS,
 ) -> Compensation:
     """Mean input of every consumer layer over ``images`` (the unpruned model, eval mode); with
-    ``mode="lstsq"`` also each consumer's input Gram matrix."""
+    ``mode="lstsq"`` also each consumer's input Gram matrix, for the layers whose calibration
+    inputs hold at least ``min_rows`` rows per feature (the others are mean-compensated, with
+    the reason in ``fallback``)."""
     if len(images) == 0:
         raise CswapError(f"{mode} compensation needs calibration images; got none.", "pass some.")
     if mode not in MODES[1:]:
@@ -359,9 +500,16 @@ def measure_means(
         )
     means = {layer: sums[layer] / counts[layer] for layer in dims}
     if mode == "lstsq":
+        fallback |= _too_few_rows(grams, gram_rows, min_rows)
         normalized = {layer: grams[layer] / gram_rows[layer] for layer in grams}
         return Compensation(
-            means, len(images), mode="lstsq", grams=normalized, ridge=ridge, fallback=fallback
+            means,
+            len(images),
+            mode="lstsq",
+            grams={k: v for k, v in normalized.items() if k not in fallback},
+            ridge=ridge,
+            fallback=fallback,
+            mean_grams={k: v for k, v in normalized.items() if k in fallback},
         )
     return Compensation(means=means, images=len(images))
 

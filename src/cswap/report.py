@@ -39,6 +39,7 @@ def units_arrays(categorization: Categorization) -> dict[str, np.ndarray]:
         "categories": categorization.categories.astype(str),
         "log_ratio": _or_nan(categorization.log_ratio, len(categorization.unit_ids)),
         "kl": _or_nan(categorization.kl, len(categorization.unit_ids)),
+        "joint": _or_nan(categorization.joint, len(categorization.unit_ids)),
     }
 
 

@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from cswap.adapters import canonicalize
-from cswap.banded import banded_categorization
+from cswap.banded import banded_categorization, with_joint
 from cswap.categorize import (
     Categorization,
     CategoryConfig,
@@ -84,8 +84,10 @@ class Options:
     rank_by: str = "kl"  # kl | logp | xi: the damage statistic that orders candidates
     rank_per_cost: bool = True  # damage per parameter (or MAC) saved
     rank_categories_first: bool = False  # measured: one order is better on the ViT
+    rank_joint: bool = True  # kl + lstsq: the damage with the group's earlier units removed
     oneshot_start: bool = True
     lstsq_memory_gb: float = 4.0
+    lstsq_min_rows: float = 4.0  # calibration rows per feature a refitted layer needs
     max_memory_gb: float | None = None  # refuse a run that cannot fit (None: what is available)
     grouping_seconds: float = 60.0  # Torch-Pruning's grouping of one root layer, at most
     ignored_layers: tuple[str, ...] = ()
@@ -160,6 +162,7 @@ class Options:
             per_cost=self.rank_per_cost,
             categories_first=self.rank_categories_first,
             allow_critical=self.allow_critical if allow_critical is None else allow_critical,
+            joint=self.rank_joint,
         )
 
     def to_dict(self) -> dict:
@@ -478,6 +481,7 @@ class CausalRanker:
                     category_config=self.options.category_config(),
                     seed=self.options.seed,
                     progress=bar.update,
+                    joint=self.rank_config.joint,
                 )
                 result = banded.categorization
                 note = {"exact": banded.exact, "estimated": banded.estimated}
@@ -485,7 +489,9 @@ class CausalRanker:
                 note["estimate_sd"] = None if math.isnan(banded.sd) else round(banded.sd, 4)
             else:
                 effects = self._exact_scorer(removed)(progress=bar.update)
-                result = categorize(effects, self.options.category_config())
+                result = self._with_joint(
+                    categorize(effects, self.options.category_config()), removed
+                )
                 note = {"exact": remaining, "estimated": 0}
         self.rounds.append((len(removed), result))
         self.round_notes.append(note)
@@ -497,6 +503,23 @@ class CausalRanker:
             note,
         )
         return result
+
+    def _with_joint(self, result: Categorization, removed: tuple[int, ...]) -> Categorization:
+        """An exactly scored round's joint damage (the banded rounds add their own)."""
+        if not self.rank_config.joint or self.rank_config.statistic != "kl":
+            return result
+        prepared = self.prepared
+        return with_joint(
+            result,
+            prepared.model,
+            prepared.space,
+            self.compensation,
+            removed,
+            self.cost_kind,
+            images=prepared.calibration_images,
+            device=prepared.device,
+            seed=self.options.seed,
+        )
 
     def _fast(self) -> bool:
         fast = self.options.fast_config()
@@ -643,6 +666,7 @@ def measure_compensation(
         device=prepared.device,
         mode=compensate,
         memory_gb=options.lstsq_memory_gb,
+        min_rows=options.lstsq_min_rows,
     )
 
 
@@ -751,6 +775,11 @@ def _check_stages_and_limits(options: Options) -> None:
     if not options.grouping_seconds > 0:
         raise CswapError(
             f"grouping_seconds must be > 0, got {options.grouping_seconds}.", "use e.g. 60."
+        )
+    if not (options.lstsq_min_rows >= 0 and math.isfinite(options.lstsq_min_rows)):
+        raise CswapError(
+            f"lstsq_min_rows must be a finite number >= 0, got {options.lstsq_min_rows}.",
+            "use e.g. 4 (the default): rows of calibration inputs per refitted feature.",
         )
     if options.max_memory_gb is not None and not options.max_memory_gb > 0:
         raise CswapError(

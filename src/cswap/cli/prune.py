@@ -321,6 +321,14 @@ def register(app: typer.Typer) -> None:
                 "last); default: one order by damage per cost across categories."
             ),
         ] = False,
+        rank_joint: Annotated[
+            bool,
+            typer.Option(
+                help="With kl and lstsq: rank each unit by its damage removed together with "
+                "the units of its group ranked before it (the refit's interaction, in closed "
+                "form); --no-rank-joint ranks by each unit's damage alone."
+            ),
+        ] = True,
         oneshot_start: Annotated[
             bool,
             typer.Option(
@@ -330,6 +338,14 @@ def register(app: typer.Typer) -> None:
         ] = True,
         lstsq_memory_gb: Annotated[
             float, typer.Option(help="Memory budget of lstsq Gram matrices (GiB).")
+        ] = 4.0,
+        lstsq_min_rows: Annotated[
+            float,
+            typer.Option(
+                help="Rows of calibration inputs (images x positions) per input feature that "
+                "a layer needs to be refitted by lstsq; below it (e.g. a classifier after "
+                "global pooling, one row per image) it is mean-compensated."
+            ),
         ] = 4.0,
         max_memory_gb: MaxMemoryOption = None,
         grouping_seconds: Annotated[
@@ -442,8 +458,10 @@ def register(app: typer.Typer) -> None:
                 "rank_by": rank_by,
                 "rank_per_cost": rank_per_cost,
                 "rank_categories_first": rank_categories_first,
+                "rank_joint": rank_joint,
                 "oneshot_start": oneshot_start,
                 "lstsq_memory_gb": lstsq_memory_gb,
+                "lstsq_min_rows": lstsq_min_rows,
                 "max_memory_gb": max_memory_gb,
                 "grouping_seconds": grouping_seconds,
                 "ignored_layers": tuple(ignore),
