@@ -85,7 +85,7 @@ class Categorization:
     kl: np.ndarray | None = None
     # KL of removing the unit together with the units of its group ranked before it (its own
     # KL plus the refit's estimated interaction, cswap.estimate.joint_damage); NaN where not
-    # estimated (no lstsq refit of every consumer)
+    # estimated (a consumer without an lstsq estimate, see Compensation.estimator)
     joint: np.ndarray | None = None
 
     def category_of(self) -> dict[int, str]:

@@ -148,6 +148,9 @@ class MeanBasis:
     weight: torch.Tensor  # (outputs, features), float64
     covariance: torch.Tensor  # (features, features) over the calibration rows
     gone: torch.Tensor  # bool per feature: removed by the base removal
+    # C[:, gone] W[:, gone]^T: each feature's covariance with the base removal's error, once
+    # per base (every estimate's cross term reads it)
+    carried: torch.Tensor  # (features, outputs)
 
     def rows(self, channels: Iterable[int]) -> torch.Tensor:
         """Feature rows of input ``channels`` that the base removal kept."""
@@ -168,9 +171,7 @@ class MeanBasis:
     ) -> np.ndarray:
         """Per channel set, in order: the growth after all the sets before it (as for
         ``RefitBasis.sequential``; the running sum is the growth of the union)."""
-        gone = self.gone.clone()
-        # C[:, gone] W[:, gone]^T: each feature's covariance with the error made so far
-        carried = self.covariance[:, gone] @ self.weight[:, gone].T
+        gone, carried = self.gone.clone(), self.carried
         costs = np.zeros(len(channel_sets))
         for position, channels in enumerate(channel_sets):
             rows = self.rows(channels)
@@ -282,11 +283,14 @@ class Compensation:
         per_channel = flat.shape[1] // weight.shape[1]
         gone = torch.zeros(weight.shape[1], dtype=torch.bool)
         gone[sorted(set(indices))] = True
+        gone = gone.repeat_interleave(per_channel)
+        covariance = gram[:-1, :-1] - torch.outer(mean, mean)
         return MeanBasis(
             per_channel=per_channel,
             weight=flat,
-            covariance=gram[:-1, :-1] - torch.outer(mean, mean),
-            gone=gone.repeat_interleave(per_channel),
+            covariance=covariance,
+            gone=gone,
+            carried=covariance[:, gone] @ flat[:, gone].T,
         )
 
     def basis(self, module: nn.Module, layer: str, indices: Iterable[int]) -> RefitBasis:

@@ -103,8 +103,9 @@ def reconstruction_costs(
 ) -> dict[int, float]:
     """Per unit of ``units``: the summed added output error of its consumers under the refit
     (``compensation`` already holds the bases of the current removal, ``with_base``), each
-    output channel weighted by ``sensitivity`` when given. Units with a consumer that is not
-    refitted (mean fallback, no lstsq) get no estimate."""
+    output channel weighted by ``sensitivity`` when given. A consumer mean-compensated for too
+    few rows is estimated by its mean fold's error (``MeanBasis``); units with a consumer that
+    has no Gram matrix (no lstsq, over the memory budget, unsupported) get no estimate."""
     if compensation is None or not (compensation.bases or compensation.mean_bases):
         return {}
     sensitivity = sensitivity or {}
@@ -197,18 +198,19 @@ def joint_damage(
     costs: dict[int, float],
     sensitivity: dict[str, torch.Tensor] | None = None,
 ) -> dict[int, float]:
-    """Per unit of ``kl`` whose consumers are all refitted (``compensation`` holds the bases of
-    the current removal): the damage of removing it after the units of its group that rank
-    before it (by ``kl`` per ``costs``, what each saves).
+    """Per unit of ``kl`` whose consumers all have an estimate (``Compensation.estimator``;
+    ``compensation`` holds the bases of the current removal): the damage of removing it after
+    the units of its group that rank before it (by ``kl`` per ``costs``, what each saves).
 
     Each unit's KL was measured (or estimated) alone; under the refit, units of one group
     stand in for each other, so removing many together costs more than the sum of their costs
-    alone. The refit says by how much in closed form: along the group's order, the growth of
-    its consumers' objective for each unit after those before it (``RefitBasis.sequential``,
-    weighted by ``sensitivity`` like the estimate) minus its growth alone, converted to KL by
-    the group's median ratio of KL to the growth alone, is added to the unit's KL. The damage
-    per cost is then made non-decreasing along the order (a group is cut from its front:
-    joint = running maximum of damage per cost, times the cost)."""
+    alone. The bases say by how much in closed form: along the group's order, the growth of
+    each consumer's objective for each unit after those before it (``sequential`` of its
+    RefitBasis, or of its MeanBasis: the mean fold's squared error; weighted by
+    ``sensitivity`` like the estimate) minus its growth alone, converted to KL by the group's
+    median ratio of KL to the growth alone, is added to the unit's KL. The damage per cost is
+    then made non-decreasing along the order (a group is cut from its front: joint = running
+    maximum of damage per cost, times the cost)."""
     sensitivity = sensitivity or {}
     by_group: dict[int, list[int]] = {}
     for unit in kl:
@@ -240,7 +242,7 @@ def _per(value: float, cost: float) -> float:
 
 def _group_growth(space, compensation, order, sensitivity):
     """(growth of each unit after those before it, growth alone), summed over the group's
-    consumers; None when a consumer is not refitted or the units do not share them."""
+    consumers; None when a consumer has no estimate or the units do not share them."""
     targets = space.units[order[0]].targets
     if not targets:
         return None
