@@ -285,7 +285,7 @@ def test_the_start_rescores_along_its_cut_before_validating():
     calls, validations = [], []
     validate = _recording_validator(validations)
 
-    config = ScheduleConfig(target_params=0.5, rescore_every=0.1)
+    config = ScheduleConfig(target_params=0.5, rescore_every=0.1, oneshot_first=False)
     result = run_schedule(
         SPACE, config, _flipping_ranker(calls, validations), validate, baseline=BASELINE
     )
@@ -304,7 +304,7 @@ def test_a_mac_target_rescores_every_tenth_of_the_macs():
     calls, validations = [], []
     validate = _recording_validator(validations)
 
-    config = ScheduleConfig(target_macs=0.35, rescore_every=0.1)
+    config = ScheduleConfig(target_macs=0.35, rescore_every=0.1, oneshot_first=False)
     assert config.cost_kind == "macs"
     ranker = _flipping_ranker(calls, validations, kind="macs")
     result = run_schedule(SPACE, config, ranker, validate, baseline=BASELINE)
@@ -318,7 +318,7 @@ def test_a_mac_target_rescores_every_tenth_of_the_macs():
 def test_the_plain_oneshot_cut_is_the_fallback_when_the_rescored_cut_fails():
     calls, validations = [], []
     natural = Ranking(order=tuple(u.id for u in SPACE.units))
-    config = ScheduleConfig(target_params=0.5, rescore_every=0.1, patience=1)
+    config = ScheduleConfig(target_params=0.5, rescore_every=0.1, patience=1, oneshot_first=False)
     plain, _ = oneshot(SPACE, config, natural)
     bad = {u.id for u in SPACE.units} - set(plain)
 
@@ -333,6 +333,56 @@ def test_the_plain_oneshot_cut_is_the_fallback_when_the_rescored_cut_fails():
     assert first.probe and not first.accepted
     assert second.probe and second.accepted and set(second.units) == set(plain)
     assert result.stop_reason == TARGET_REACHED and set(result.removed) == set(plain)
+
+
+def test_the_start_validates_the_first_rankings_oneshot_cut_first():
+    calls, validations = [], []
+    config = ScheduleConfig(target_params=0.5, rescore_every=0.1)
+    assert config.first_cut == 0.5
+    natural = Ranking(order=tuple(u.id for u in SPACE.units))
+    plain, _ = oneshot(SPACE, config, natural)
+    ranker = _flipping_ranker(calls, validations)
+    result = run_schedule(
+        SPACE, config, ranker, _recording_validator(validations), baseline=BASELINE
+    )
+    assert len(calls) == 1  # one scoring round: the cut passed, the target is reached
+    assert validations[0] == plain and len(result.steps) == 1 and result.steps[0].accepted
+    assert result.stop_reason == TARGET_REACHED and result.removed == plain
+
+
+def test_a_failed_oneshot_cut_falls_back_to_the_rescored_cut():
+    calls, validations = [], []
+    config = ScheduleConfig(target_params=0.5, rescore_every=0.1, patience=1)
+    natural = Ranking(order=tuple(u.id for u in SPACE.units))
+    plain, _ = oneshot(SPACE, config, natural)
+    bad = {plain[-1]}  # the plain cut fails on its last unit
+
+    def validate(removed, threshold=None):
+        validations.append(removed)
+        return Validation(0.5 if set(removed) & bad else 0.9, 0.001, 1000)
+
+    result = run_schedule(
+        SPACE, config, _flipping_ranker(calls, validations), validate, baseline=BASELINE
+    )
+    first, second = result.steps[:2]
+    assert first.probe and not first.accepted and first.units == plain
+    assert [seen for _, seen in calls][:2] == [0, 1]  # re-scored only after the plain cut failed
+    assert second.probe and second.accepted and set(second.units) != set(plain)
+    assert not set(second.units) & bad and result.stop_reason == TARGET_REACHED
+
+
+@pytest.mark.parametrize(
+    ("settings", "first_cut"),
+    [
+        ({"target_macs": 0.2}, 0.2),
+        ({"target_params": 0.4, "target_macs": 0.2}, 0.4),
+        ({"target_params": 0.5, "milestones": (0.3, 0.1)}, 0.1),
+        ({"target_params": 0.5, "oneshot_first": False}, None),
+        ({"target_params": 0.5, "oneshot_start": False}, None),
+    ],
+)
+def test_the_first_cut_is_the_target_or_first_milestone_in_the_cost_currency(settings, first_cut):
+    assert ScheduleConfig(**settings).first_cut == first_cut
 
 
 @pytest.mark.parametrize("round_to", [1, 4])
@@ -356,3 +406,22 @@ def test_the_oneshot_cut_is_the_shortest_prefix_of_blocks_that_reaches_the_targe
     cut, reached = oneshot(SPACE, config, Ranking(order=tuple(order)))
     assert cut == tuple(removed)
     assert reached == (targets.get("target_params") != 0.999)
+
+
+def test_the_first_scoring_round_serves_the_next_cut_and_the_oneshot_cut():
+    from types import SimpleNamespace
+
+    from cswap.session import CausalRanker, Options
+
+    ranker = CausalRanker(
+        SimpleNamespace(space=SPACE),
+        Options(),
+        False,
+        None,
+        cost_kind="macs",
+        horizon=0.1,
+        first_cut=0.3,
+    )
+    total = SPACE.macs_total
+    assert ranker._horizons(()) == [0.1 * total, 0.3 * total]
+    assert ranker._horizons((0, 1)) == [0.1 * total]  # a later round: the next cut only

@@ -282,8 +282,9 @@ def prune(
     if shard_dir is not None and not resume:  # shards of an earlier run must not be reused
         shutil.rmtree(shard_dir, ignore_errors=True)
     ranker = make_ranker(
-        method, mode, prepared, opts, progress, compensation, cost_kind, shard_dir=shard_dir
-    )
+        method, mode, prepared, opts, progress, compensation, cost_kind, shard_dir=shard_dir,
+        first_cut=schedule_config.first_cut,
+    )  # fmt: skip
     try:
         if mode == "oneshot":
             ranking = ranker(())

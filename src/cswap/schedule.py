@@ -66,9 +66,11 @@ class ScheduleConfig:
     min_keep: int = 1
     patience: int = 8
     max_steps: int = 10_000
-    # start with a cut re-scored every rescore_every, validated once; fall back to the one-shot
-    # cut of the first ranking, then bisection: a run never ends below its own one-shot cut
+    # start with one validated cut to the target: the one-shot cut of the first ranking
+    # (oneshot_first), else / then the cut re-scored every rescore_every; then bisection along
+    # the re-scored cut: a run never ends below its own one-shot cut
     oneshot_start: bool = True
+    oneshot_first: bool = True
     # intermediate params-removed fractions a chunk must not jump over (benchmarks record the
     # model at each one); the run still stops only at the target
     milestones: tuple[float, ...] = ()
@@ -78,6 +80,16 @@ class ScheduleConfig:
         """The currency of the target, in which units are ranked per cost and ``rescore_every``
         is counted: MACs when the only target is MACs, else parameters."""
         return "macs" if self.target_params is None and self.target_macs is not None else "params"
+
+    @property
+    def first_cut(self) -> float | None:
+        """The fraction of the cost (``cost_kind``) that the start's one-shot cut removes, when
+        the start validates it first: the target, or the first milestone (None otherwise)."""
+        if not (self.oneshot_start and self.oneshot_first):
+            return None
+        if self.milestones:
+            return min(self.milestones) if self.cost_kind == "params" else None
+        return self.target_macs if self.cost_kind == "macs" else self.target_params
 
     def __post_init__(self) -> None:
         if self.target_params is None and self.target_macs is None:
@@ -362,24 +374,35 @@ def run_schedule(
 
 
 def _oneshot_start(space, config, rank, ranking, validate, threshold, state, on_step):
-    """The start of a progressive run: a cut to the target (or the first milestone) without
-    validation, re-scored every ``rescore_every`` of the parameters on the cut model (effects
-    interact; measured: this is what makes the causal order win), then validated once. If it
-    fails, the one-shot cut of the first ranking is validated (so a run never ends below it);
-    if that fails too, bisection along the re-scored path finds the longest prefix that passes,
-    down to the initial chunk's size. Probe steps list the whole prefix they tried."""
+    """The start of a progressive run: one validated cut to the target (or the first
+    milestone). ``oneshot_first``: the one-shot cut of the first ranking is validated first (it
+    needs no further scoring round); if it fails, or without ``oneshot_first``, the cut
+    re-scored every ``rescore_every`` of the cost on the cut model (effects interact), then the
+    other of the two; if both fail, bisection along the re-scored path finds the longest prefix
+    that passes, down to the initial chunk's size. Probe steps list the whole prefix they
+    tried."""
     first = ranking
-    path, last_ranking = _rescored_path(space, config, rank, ranking, state)
-    full = path[len(path) - 1]
-    state, passed = _probe(space, validate, threshold, state, full, on_step)
-    if passed:
-        return _accept_start(space, config, rank, state, full, last_ranking, first, on_step)
     plain = _prefixes(space, config, _fresh_blocks(space, first, state, config))
     cut = plain[len(plain) - 1]
-    if cut != full:
+    if config.oneshot_first:
         state, passed = _probe(space, validate, threshold, state, cut, on_step)
         if passed:
             return _accept_start(space, config, rank, state, cut, None, first, on_step)
+    path, last_ranking = _rescored_path(space, config, rank, ranking, state)
+    full = path[len(path) - 1]
+    if full != cut or not config.oneshot_first:
+        state, passed = _probe(space, validate, threshold, state, full, on_step)
+        if passed:
+            return _accept_start(space, config, rank, state, full, last_ranking, first, on_step)
+    if cut != full and not config.oneshot_first:
+        state, passed = _probe(space, validate, threshold, state, cut, on_step)
+        if passed:
+            return _accept_start(space, config, rank, state, cut, None, first, on_step)
+    return _bisect_start(space, config, rank, validate, threshold, state, path, first, on_step)
+
+
+def _bisect_start(space, config, rank, validate, threshold, state, path, first, on_step):
+    """The longest prefix of the re-scored ``path`` that passes, to the initial chunk's size."""
     resolution = config.initial_chunk * max(1, space.prunable_params)
     low, high = 0, len(path) - 1
     while high - low > 1:

@@ -86,6 +86,7 @@ class Options:
     rank_categories_first: bool = False  # measured: one order is better on the ViT
     rank_joint: bool = True  # kl + lstsq: the damage with the group's earlier units removed
     oneshot_start: bool = True
+    oneshot_first: bool = True  # the start validates the first ranking's one-shot cut first
     lstsq_memory_gb: float = 4.0
     lstsq_min_rows: float = 4.0  # calibration rows per feature a refitted layer needs
     max_memory_gb: float | None = None  # refuse a run that cannot fit (None: what is available)
@@ -146,6 +147,7 @@ class Options:
             max_steps=self.max_steps,
             milestones=self.milestones,
             oneshot_start=self.oneshot_start,
+            oneshot_first=self.oneshot_first,
         )
 
     def band_config(self) -> BandConfig:
@@ -435,6 +437,7 @@ class CausalRanker:
         allow_critical: bool | None = None,
         cost_kind: str = "params",
         horizon: float | None = None,
+        first_cut: float | None = None,
     ) -> None:
         self.prepared = prepared
         self.options = options
@@ -445,6 +448,8 @@ class CausalRanker:
         # the fraction of the cost cut from one ranking (progressive: rescore_every); with
         # it, a round scores exactly only the units near that cut (cswap.banded)
         self.horizon = horizon
+        # the first round also serves the start's one-shot cut (ScheduleConfig.first_cut)
+        self.first_cut = first_cut
         self.rounds: list[tuple[int, Categorization]] = []  # (units removed before, result)
         self.round_notes: list[dict] = []  # per round: units scored exactly / estimated
         self.preset: Ranking | None = None
@@ -475,7 +480,7 @@ class CausalRanker:
                     images=prepared.calibration_images,
                     labels=prepared.calibration_labels,
                     device=prepared.device,
-                    horizon=self.horizon * prepared.space.cost_total(self.cost_kind),
+                    horizon=self._horizons(removed),
                     cost_kind=self.cost_kind,
                     band=self.options.band_config(),
                     category_config=self.options.category_config(),
@@ -503,6 +508,15 @@ class CausalRanker:
             note,
         )
         return result
+
+    def _horizons(self, removed: tuple[int, ...]) -> list[float]:
+        """The cuts this round's ranking serves, in the cost's currency: the next
+        ``rescore_every``, and in the first round the start's one-shot cut too."""
+        fractions = [self.horizon]
+        if self.first_cut is not None and not removed and not self.rounds:
+            fractions.append(self.first_cut)
+        total = self.prepared.space.cost_total(self.cost_kind)
+        return [fraction * total for fraction in sorted(set(fractions))]
 
     def _with_joint(self, result: Categorization, removed: tuple[int, ...]) -> Categorization:
         """An exactly scored round's joint damage (the banded rounds add their own)."""
@@ -630,9 +644,11 @@ def make_ranker(
     compensation: Compensation | None,
     cost_kind: str = "params",
     shard_dir: Path | None = None,
+    first_cut: float | None = None,
 ):
     """The ranker of ``method``; ``cost_kind`` (params or macs, after the target) weighs the
-    causal damage per unit saved; ``shard_dir`` keeps Ray workers' finished shards."""
+    causal damage per unit saved; ``shard_dir`` keeps Ray workers' finished shards;
+    ``first_cut``: the progressive start's one-shot cut, which the first round also serves."""
     if method == "cswap":
         allow = True if mode == "oneshot" else None
         ranker = CausalRanker(
@@ -643,6 +659,7 @@ def make_ranker(
             allow_critical=allow,
             cost_kind=cost_kind,
             horizon=None if mode == "oneshot" else options.rescore_every,
+            first_cut=None if mode == "oneshot" else first_cut,
         )
         if options.workers or options.ray_address:
             from cswap.distributed import RayConfig, RayScoring

@@ -332,8 +332,16 @@ def register(app: typer.Typer) -> None:
         oneshot_start: Annotated[
             bool,
             typer.Option(
-                help="Progressive: start with a cut re-scored every --rescore-every, validated "
-                "once (then the plain one-shot cut, then bisection)."
+                help="Progressive: start with one validated cut to the target (see "
+                "--oneshot-first), then bisection along the re-scored cut if it fails."
+            ),
+        ] = True,
+        oneshot_first: Annotated[
+            bool,
+            typer.Option(
+                help="The start validates the one-shot cut of the first scoring round first "
+                "(one round when it passes); --no-oneshot-first re-scores the model every "
+                "--rescore-every along the cut before validating it."
             ),
         ] = True,
         lstsq_memory_gb: Annotated[
@@ -460,6 +468,7 @@ def register(app: typer.Typer) -> None:
                 "rank_categories_first": rank_categories_first,
                 "rank_joint": rank_joint,
                 "oneshot_start": oneshot_start,
+                "oneshot_first": oneshot_first,
                 "lstsq_memory_gb": lstsq_memory_gb,
                 "lstsq_min_rows": lstsq_min_rows,
                 "max_memory_gb": max_memory_gb,
