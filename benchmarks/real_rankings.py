@@ -1,13 +1,16 @@
 """Which order cuts EfficientNet-Lite2 best: one scoring, one-shot cuts at several MAC targets.
 
 One C-SWAP scoring round of the unpruned model (the default round: exact near the cut of the
-first ``rescore_every`` of the MACs, the estimate elsewhere) and Taylor's scores, then the
-one-shot cut of each ranking to each target under the same lstsq compensation (masked, which is
-tested equal to the pruned model), and its top-1 agreement with the unpruned model on held-out
-crops. Data as in ``real_model.py`` (label-free, 160 calibration crops, half split off for
-validation and unused here).
+first ``rescore_every`` of the MACs and near the deepest target, the estimate elsewhere) and
+Taylor's scores, then the one-shot cut of each ranking to each target under the same lstsq
+compensation (masked, which is tested equal to the pruned model), and its top-1 agreement with
+the unpruned model on held-out crops. Data as in ``real_model.py`` (label-free, 160
+calibration crops, half split off for validation and unused here).
 
     python benchmarks/real_rankings.py --targets 0.05,0.1,0.2 --out benchmarks/real_rankings.json
+
+``--correct-at 0.2`` also measures each ranking's cut at 20% with the error correction that
+``cswap prune`` applies to the removal it keeps (equal compensation for every order).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from cswap.api import _prepare
 from cswap.categorize import RankConfig, Ranking, causal_ranking
 from cswap.criteria import criterion_scores, raw_scores
 from cswap.intervene import removed as intervention
+from cswap.reconstruct import propagated
 from cswap.schedule import ScheduleConfig, oneshot
 from cswap.session import CausalRanker, make_options
 
@@ -42,7 +46,14 @@ def main() -> None:
     parser.add_argument("--targets", default="0.05,0.1,0.2")
     parser.add_argument("--held-out", type=int, default=320)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/real_rankings.json"))
+    parser.add_argument(
+        "--correct-at",
+        default="",
+        help="targets (comma-separated) whose cuts are also measured with the error correction "
+        "that cswap prune applies at the end (cswap.reconstruct): agreement_corrected",
+    )
     args = parser.parse_args()
+    correct_at = {float(t) for t in args.correct_at.split(",") if t}
     torch.set_num_threads(2)
     base = rm.model()
     pictures = rm.photos()
@@ -54,7 +65,19 @@ def main() -> None:
     prepared, compensation = _prepare(base, data, None, None, True, None, options, "lstsq")
     space = prepared.space
     started = time.perf_counter()
-    ranker = CausalRanker(prepared, options, False, compensation, True, "macs", horizon=0.1)
+    targets = [float(t) for t in args.targets.split(",")]
+    # the default first round: exact near the next 10% of the MACs and near the start's
+    # one-shot cut (here the deepest target)
+    ranker = CausalRanker(
+        prepared,
+        options,
+        False,
+        compensation,
+        True,
+        "macs",
+        horizon=0.1,
+        first_cut=max(targets),
+    )
     categorization = ranker.categorization(())
     seconds = {"cswap": time.perf_counter() - started}
     costs = space.savings((), "macs")
@@ -70,7 +93,7 @@ def main() -> None:
     )
     rows = []
     for name, ranking in orders.items():
-        for target in (float(t) for t in args.targets.split(",")):
+        for target in targets:
             removed, _ = oneshot(space, ScheduleConfig(target_macs=target), ranking)
             with torch.no_grad(), intervention(prepared.model, space, removed, compensation):
                 after = rm.top1(prepared.model, held_out)
@@ -83,6 +106,15 @@ def main() -> None:
                 "agreement": round(float((after == before).float().mean()), 4),
                 "deepest_group_cut": round(deepest, 3),
             }
+            if target in correct_at:
+                started = time.perf_counter()
+                corrected = propagated(
+                    prepared.model, space, removed, compensation, prepared.calibration_images
+                )
+                with torch.no_grad(), intervention(prepared.model, space, removed, corrected):
+                    after = rm.top1(prepared.model, held_out)
+                row["agreement_corrected"] = round(float((after == before).float().mean()), 4)
+                row["correction_seconds"] = round(time.perf_counter() - started, 1)
             rows.append(row)
             print(json.dumps(row), flush=True)
     summary = {

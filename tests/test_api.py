@@ -376,6 +376,13 @@ def test_compensation_is_recorded_and_removal_stays_equivalent(trained_tiny, dat
     rows = len(calibration)  # the same calibration images, one row each
     assert fallback["hidden"].startswith(f"{rows:,} rows of calibration inputs")
     assert refit.report["equivalence_max_abs_diff"] < 1e-4
+    # the kept removal was refitted on its own pruned inputs; the better validation was kept
+    correction = refit.report["compensation"]["error_correction"]
+    folded = refit.report["compensation"]["folded_into"]
+    assert correction["layers_shifted"] == 1 and correction["layers_refitted"] == len(folded) - 1
+    kept = correction["val_accuracy" if correction["applied"] else "val_accuracy_without"]
+    assert refit.report["val_accuracy_after"] == pytest.approx(kept)
+    assert correction["applied"] == (correction["val_accuracy"] >= kept)
 
 
 def test_border_gap_is_zero_when_every_consumer_is_linear(data):

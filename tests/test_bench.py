@@ -162,3 +162,25 @@ def test_end_to_end_bench_refuses_a_model_without_a_target_before_running(tmp_pa
     with pytest.raises(CswapError, match="No end-to-end target for \\['zoo:nope'\\]"):
         end_to_end_bench(["zoo:vgg", "zoo:nope"], tmp_path / "runs")
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_ranking_table_keeps_compensations_apart_and_bolds_each_columns_best():
+    from cswap.bench_ranking import ranking_table
+
+    def row(ranking, compensate, accuracy):
+        return dict(model="m", ranking=ranking, compensate=compensate, target="0.5000",
+                    test_accuracy=str(accuracy))  # fmt: skip
+
+    rows = [row("taylor", "lstsq", 0.91), row("taylor", "lstsq+correction", 0.93)]
+    rows.append(row("kl", "lstsq", 0.92))
+    assert ranking_table(rows).splitlines() == [
+        "| ranking | m @ 50% |",
+        "|---|---|",
+        "| taylor (lstsq) | 0.9100 |",
+        "| taylor (lstsq+correction) | **0.9300** |",
+        "| kl (lstsq) | 0.9200 |",
+    ]
+    assert ranking_table(rows[:1] + rows[2:]).splitlines()[2:] == [
+        "| taylor | 0.9100 |",
+        "| kl | **0.9200** |",
+    ]

@@ -55,27 +55,35 @@ def _oracle_model(model, space, units, inputs):
     for (layer, _dim), indices in consumer_masks(space, units).items():
         module = copy_.get_submodule(layer)
         rows = _rows(module, inputs[layer])
-        weight = module.weight.detach().numpy()
-        flat = weight.reshape(weight.shape[0], -1)
-        per_channel = flat.shape[1] // weight.shape[1]
-        bias = module.bias.detach().numpy() if module.bias is not None else np.zeros(len(flat))
-        theta = np.concatenate([flat.T, bias[None, :]])
-        gone = np.zeros(weight.shape[1], dtype=bool)
-        gone[sorted(set(indices))] = True
-        keep = np.concatenate([np.repeat(~gone, per_channel), [True]])
-        scale = RIDGE * (rows**2).sum(0).mean() / len(rows)
-        a = rows / np.sqrt(len(rows))
-        system = np.concatenate([a[:, keep], np.sqrt(scale) * np.eye(keep.sum())])
-        target = np.concatenate([a @ theta, np.sqrt(scale) * theta[keep]])
-        solution = np.linalg.lstsq(system, target, rcond=None)[0]
-        new = np.zeros_like(flat)
-        new[:, keep[:-1]] = solution[:-1].T
-        with torch.no_grad():
-            module.weight.copy_(torch.from_numpy(new.reshape(weight.shape)))
-            if module.bias is None:
-                module.bias = nn.Parameter(torch.zeros(len(flat), dtype=torch.float64))
-            module.bias.copy_(torch.from_numpy(solution[-1]))
+        ridge_refit(module, model.get_submodule(layer), indices, rows, rows)
     return copy_
+
+
+def ridge_refit(module, original, indices, rows, pruned_rows):
+    """Write into ``module`` the numpy ridge refit of ``original`` with input channels
+    ``indices`` removed: from ``pruned_rows`` (its unfolded inputs, ones column last) to the
+    original outputs ``rows @ theta0``, ridge RIDGE times the mean diagonal of the Gram of
+    ``rows``, as a stacked least-squares system."""
+    weight = original.weight.detach().numpy()
+    flat = weight.reshape(weight.shape[0], -1)
+    per_channel = flat.shape[1] // weight.shape[1]
+    bias = original.bias.detach().numpy() if original.bias is not None else np.zeros(len(flat))
+    theta = np.concatenate([flat.T, bias[None, :]])
+    gone = np.zeros(weight.shape[1], dtype=bool)
+    gone[sorted(set(indices))] = True
+    keep = np.concatenate([np.repeat(~gone, per_channel), [True]])
+    scale = RIDGE * (rows**2).sum(0).mean() / len(rows)
+    n = np.sqrt(len(rows))
+    system = np.concatenate([pruned_rows[:, keep] / n, np.sqrt(scale) * np.eye(keep.sum())])
+    target = np.concatenate([rows @ theta / n, np.sqrt(scale) * theta[keep]])
+    solution = np.linalg.lstsq(system, target, rcond=None)[0]
+    new = np.zeros_like(flat)
+    new[:, keep[:-1]] = solution[:-1].T
+    with torch.no_grad():
+        module.weight.copy_(torch.from_numpy(new.reshape(weight.shape)))
+        if module.bias is None:
+            module.bias = nn.Parameter(torch.zeros(len(flat), dtype=torch.float64))
+        module.bias.copy_(torch.from_numpy(solution[-1]))
 
 
 def _true_class(model, images, labels):

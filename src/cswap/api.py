@@ -13,7 +13,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ from cswap.inputs import (
     peak_resident_gb,
 )
 from cswap.measure import paired_latency, predict
+from cswap.reconstruct import propagated
 from cswap.report import thumbnails, units_arrays, write_report
 from cswap.schedule import (
     CANDIDATES_EXHAUSTED,
@@ -151,6 +152,44 @@ def _check_choices(method: str, mode: str, compensate: str) -> None:
     ):
         if value not in known:
             raise CswapError(f"Unknown {name} {value!r}.", f"use one of {', '.join(known)}.")
+
+
+def _error_correction(prepared, opts, compensation, result):
+    """The kept removal's consumers refitted on the pruned model's own inputs
+    (``cswap.reconstruct``), kept when the validation accuracy is no worse than without.
+    Returns (compensation, result, report entry or None)."""
+    if not (
+        opts.error_correction
+        and compensation is not None
+        and compensation.mode == "lstsq"
+        and result.removed
+    ):
+        return compensation, result, None
+    started = time.perf_counter()
+    corrected = propagated(
+        prepared.model,
+        prepared.space,
+        result.removed,
+        compensation,
+        prepared.calibration_images,
+        batch_size=opts.batch_size,
+        device=prepared.device,
+    )
+    validation = prepared.validator(corrected, prefix_reuse=False)(result.removed)
+    without = result.final_validation
+    applied = validation.accuracy >= without.accuracy
+    note = {
+        "applied": applied,
+        "layers_refitted": len(corrected.fitted or {}),
+        "layers_shifted": len(corrected.shifts or {}),
+        "val_accuracy": round(validation.accuracy, 6),
+        "val_accuracy_without": round(without.accuracy, 6),
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    log.info("error correction: %s", note)
+    if not applied:
+        return compensation, result, note
+    return corrected, replace(result, final_validation=validation), note
 
 
 def _test_batches(test: Dataset | DataLoader | None, batch_size: int):
@@ -297,6 +336,7 @@ def prune(
             )  # fmt: skip
     finally:
         ranker.close()
+    compensation, result, correction = _error_correction(prepared, opts, compensation, result)
     scoring_seconds = time.perf_counter() - started
     with stage("surgery"):
         pruned, sinks = prune_and_fold(
@@ -320,6 +360,8 @@ def prune(
     report |= measured
     report["mode"] = mode
     report["compensation"] = _compensation_report(compensation, compensate, sinks)
+    if compensate == "lstsq":
+        report["compensation"]["error_correction"] = correction
     if compensate == "mean" and result.removed:
         report["compensation"]["border_gap_max_abs_logit"] = _border_gap(
             prepared, space, result.removed, compensation, check_batch

@@ -20,6 +20,7 @@ from cswap.bench import BenchConfig, _ModelBench, read_rows
 from cswap.categorize import Categorization, RankConfig, causal_ranking
 from cswap.checkpoint import load_categorization
 from cswap.errors import CswapError
+from cswap.reconstruct import propagated
 from cswap.report import units_arrays
 from cswap.schedule import ScheduleConfig, oneshot
 from cswap.session import CausalRanker, CriterionRanker, measure_compensation
@@ -134,8 +135,14 @@ def compare_rankings(
     device: str = "cpu",
     progress: bool = True,
     echo: Callable[[str], None] = print,
+    error_correction: bool = False,
 ) -> list[dict]:
-    """Rows of OUT/rankings.csv: test accuracy of every ranking's one-shot cut per target."""
+    """Rows of OUT/rankings.csv: test accuracy of every ranking's one-shot cut per target;
+    ``error_correction`` (lstsq): each cut refitted on its own pruned inputs as ``cswap prune``
+    does at the end (``cswap.reconstruct``), in rows whose compensate is ``lstsq+correction``."""
+    if error_correction and compensate != "lstsq":
+        raise CswapError("error_correction refits lstsq layers.", "use compensate='lstsq'.")
+    label = f"{compensate}+correction" if error_correction else compensate
     out = Path(out)
     path = out / "rankings.csv"
     rows = read_rows(path)
@@ -153,7 +160,7 @@ def compare_rankings(
             (name, target)
             for name in names
             for target in targets
-            if (spec, name, compensate, f"{target:.4f}") not in done
+            if (spec, name, label, f"{target:.4f}") not in done
         ]
         if not wanted:
             continue
@@ -182,13 +189,17 @@ def compare_rankings(
             else:
                 ranking, seconds = orders[name]
                 removed, _reached = oneshot(space, ScheduleConfig(target_params=target), ranking)
+            applied = compensation
+            if error_correction:
+                images = bench.prepared.calibration_images
+                applied = propagated(bench.prepared.model, space, removed, compensation, images)
             row = {
                 "model": spec,
                 "ranking": name,
-                "compensate": compensate,
+                "compensate": label,
                 "target": f"{target:.4f}",
                 "params_reduction": round(1 - space.params_after(removed) / space.params_total, 6),
-                "test_accuracy": round(bench.test_accuracy(removed, compensation), 6),
+                "test_accuracy": round(bench.test_accuracy(removed, applied), 6),
                 "test_accuracy_before": round(bench.accuracy_before, 6),
                 "scoring_seconds": round(seconds, 2),
             }
@@ -200,20 +211,24 @@ def compare_rankings(
 
 
 def ranking_table(rows: list[dict]) -> str:
-    """Markdown: one line per ranking, one column per (model, target)."""
+    """Markdown: one line per ranking (and compensation, when the rows hold several), one
+    column per (model, target); the best of each column in bold."""
     columns = sorted({(r["model"], float(r["target"])) for r in rows})
-    names = list(dict.fromkeys(r["ranking"] for r in rows))
+    several = len({r["compensate"] for r in rows}) > 1
+    lines_of = list(dict.fromkeys((r["ranking"], r["compensate"]) for r in rows))
     value = {
-        (r["model"], float(r["target"]), r["ranking"]): float(r["test_accuracy"]) for r in rows
+        (r["model"], float(r["target"]), r["ranking"], r["compensate"]): float(r["test_accuracy"])
+        for r in rows
     }
     header = "| ranking | " + " | ".join(f"{m} @ {t:.0%}" for m, t in columns) + " |"
     lines = [header, "|---" * (len(columns) + 1) + "|"]
-    for name in names:
+    for name, compensate in lines_of:
         cells = []
         for model, target in columns:
-            accuracy = value.get((model, target, name))
-            best = max(v for (m, t, _), v in value.items() if m == model and t == target)
+            accuracy = value.get((model, target, name, compensate))
+            best = max(v for (m, t, *_), v in value.items() if m == model and t == target)
             text = "" if accuracy is None else f"{accuracy:.4f}"
             cells.append(f"**{text}**" if accuracy is not None and accuracy == best else text)
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        label = f"{name} ({compensate})" if several else name
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

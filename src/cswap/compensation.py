@@ -211,6 +211,10 @@ class Compensation:
     # their MeanBasis under the base removal
     mean_grams: dict[str, torch.Tensor] | None = None
     mean_bases: dict[str, tuple[frozenset[int], MeanBasis]] | None = None
+    # one removal's fits on the pruned model's own inputs (cswap.reconstruct): layer ->
+    # (its removed input indices, weight, bias), and for mean-compensated layers (indices, shift)
+    fitted: dict[str, tuple[frozenset[int], torch.Tensor, torch.Tensor]] | None = None
+    shifts: dict[str, tuple[frozenset[int], torch.Tensor]] | None = None
 
     @property
     def estimates(self) -> bool:
@@ -245,6 +249,9 @@ class Compensation:
         l = ``scale(layer)``. Removed columns of the returned weight are zero.
         """
         indices = set(indices)
+        fitted = (self.fitted or {}).get(layer)
+        if fitted is not None and fitted[0] == indices:
+            return fitted[1], fitted[2]
         cached = (self.bases or {}).get(layer)
         if cached is not None and cached[0] <= indices:
             return cached[1].weights(indices - cached[0])
@@ -298,19 +305,9 @@ class Compensation:
         which removing further channels costs no linear solve (``RefitBasis.weights``)."""
         gram = self.grams[layer]
         weight = module.weight.detach().to("cpu", torch.float64)
-        out = weight.shape[0]
-        flat = weight.reshape(out, -1)
-        per_channel = flat.shape[1] // weight.shape[1]
-        bias = (
-            module.bias.detach().to("cpu", torch.float64)
-            if module.bias is not None
-            else torch.zeros(out, dtype=torch.float64)
-        )
-        theta = torch.cat([flat.T, bias.view(1, -1)])  # (features + 1, out)
-        gone = torch.zeros(weight.shape[1], dtype=torch.bool)
-        gone[sorted(set(indices))] = True
-        keep = torch.cat([(~gone).repeat_interleave(per_channel), torch.tensor([True])])
-        kept = keep.nonzero().squeeze(1)
+        theta = layer_theta(module)
+        per_channel = (theta.shape[0] - 1) // weight.shape[1]
+        kept = kept_features(weight.shape[1], per_channel, indices)
         scale = self.scale(layer)
         system = gram.index_select(0, kept).index_select(1, kept)
         system = system + scale * torch.eye(len(kept), dtype=torch.float64)
@@ -326,7 +323,10 @@ class Compensation:
 
     def delta(self, module: nn.Module, layer: str, indices: Iterable[int]) -> torch.Tensor:
         """The constant ``module`` adds to its output (per output channel / feature) from its
-        inputs ``indices`` held at their means."""
+        inputs ``indices`` held at their means (or the corrected shift of ``shifts``)."""
+        shifted = (self.shifts or {}).get(layer)
+        if shifted is not None and shifted[0] == set(indices):
+            return shifted[1]
         index = torch.tensor(sorted(set(indices)), dtype=torch.long)
         mean = self.means[layer].index_select(0, index)
         weight = module.weight.detach().to("cpu", torch.float64)
@@ -335,6 +335,28 @@ class Compensation:
         else:
             columns = weight.index_select(1, index).flatten(2).sum(2)
         return columns @ mean
+
+
+def layer_theta(module: nn.Module) -> torch.Tensor:
+    """(features + 1, out), float64 on the CPU: the layer's flattened weight, its bias (or
+    zeros) as the last row; ``input_rows(module, x) @ layer_theta(module)`` is its output."""
+    weight = module.weight.detach().to("cpu", torch.float64)
+    out = weight.shape[0]
+    bias = (
+        module.bias.detach().to("cpu", torch.float64)
+        if module.bias is not None
+        else torch.zeros(out, dtype=torch.float64)
+    )
+    return torch.cat([weight.reshape(out, -1).T, bias.view(1, -1)])
+
+
+def kept_features(channels: int, per_channel: int, indices: Iterable[int]) -> torch.Tensor:
+    """Positions in ``layer_theta``'s rows of the features that remain when input channels
+    ``indices`` are removed (each channel has ``per_channel`` features), and of the bias."""
+    gone = torch.zeros(channels, dtype=torch.bool)
+    gone[sorted(set(indices))] = True
+    keep = torch.cat([(~gone).repeat_interleave(per_channel), torch.tensor([True])])
+    return keep.nonzero().squeeze(1)
 
 
 def consumer_indices(space: UnitSpace, units: Iterable[int]) -> dict[str, tuple[int, list[int]]]:
@@ -415,7 +437,7 @@ def _too_few_rows(grams: dict, rows: dict[str, int], min_rows: float) -> dict[st
     return fallback
 
 
-def _features(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """(rows, features + 1): the inputs each output is computed from, with a ones column."""
     x = x.detach().to(torch.float64)
     if isinstance(module, nn.Linear):
@@ -472,7 +494,7 @@ def measure_means(
         def hook(module: nn.Module, inputs: tuple) -> None:
             x = inputs[0].detach().to(torch.float64)
             if mode == "lstsq" and layer not in fallback:
-                rows = _features(module, inputs[0])
+                rows = input_rows(module, inputs[0])
                 product = (rows.T @ rows).cpu()
                 grams[layer] = grams[layer] + product if layer in grams else product
                 gram_rows[layer] += rows.shape[0]

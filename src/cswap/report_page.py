@@ -620,7 +620,21 @@ def _compensation_section(report: dict) -> str:
     how = "<th>how</th>" if instead is not None else ""
     return (
         "<h2>Compensation</h2><p>Where each reading layer's folded constant went.</p>"
+        f"{_correction_note(compensation.get('error_correction'))}"
         f"<table><tr><th>layer</th><th>folded into</th>{how}</tr>{rows}</table>"
+    )
+
+
+def _correction_note(correction: dict | None) -> str:
+    """One line on the error correction (the refit on the pruned model's own inputs)."""
+    if not correction:
+        return ""
+    verdict = "applied" if correction["applied"] else "not applied (validation was worse)"
+    return (
+        f"<p>Error correction {verdict}: {correction['layers_refitted']} layers refitted and "
+        f"{correction['layers_shifted']} shifted on the pruned model's own inputs; validation "
+        f"accuracy {correction['val_accuracy']:.4f} with it, "
+        f"{correction['val_accuracy_without']:.4f} without ({correction['seconds']:.1f} s).</p>"
     )
 
 

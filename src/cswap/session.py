@@ -87,6 +87,8 @@ class Options:
     rank_joint: bool = True  # kl + lstsq: the damage with the group's earlier units removed
     oneshot_start: bool = True
     oneshot_first: bool = True  # the start validates the first ranking's one-shot cut first
+    # lstsq: the kept removal refitted on the pruned model's own inputs (cswap.reconstruct)
+    error_correction: bool = True
     lstsq_memory_gb: float = 4.0
     lstsq_min_rows: float = 4.0  # calibration rows per feature a refitted layer needs
     max_memory_gb: float | None = None  # refuse a run that cannot fit (None: what is available)

@@ -38,6 +38,13 @@ def register(app: typer.Typer) -> None:
             str, typer.Option(help="C-SWAP ranking variants (default: all), see bench_ranking.")
         ] = "all",
         calib_per_class: Annotated[int, typer.Option(help="Calibration images per class.")] = 50,
+        error_correction: Annotated[
+            bool,
+            typer.Option(
+                help="lstsq: refit each cut on its own pruned inputs, as cswap prune does at "
+                "the end (rows compensated 'lstsq+correction')."
+            ),
+        ] = False,
         out: Annotated[Path, typer.Option(help="Output directory (resumed).")] = Path("runs/rank"),
         seed: Annotated[int, typer.Option(help="Seed of every random choice.")] = 0,
         device: DeviceOption = None,
@@ -64,6 +71,7 @@ def register(app: typer.Typer) -> None:
             device=resolve_device(device),
             progress=not quiet,
             echo=typer.echo,
+            error_correction=error_correction,
         )
         typer.echo(ranking_table(rows))
 

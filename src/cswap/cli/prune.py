@@ -85,6 +85,7 @@ def summary_lines(report: dict) -> list[str]:
             "{:.4f}",
         ),
         f"  mode {report.get('mode')}, compensation {report.get('compensation', {}).get('mode')}"
+        + _correction_summary(report.get("compensation", {}).get("error_correction"))
         + (
             f", categories (first scoring): {report['categories']}"
             if report.get("categories")
@@ -99,6 +100,16 @@ def summary_lines(report: dict) -> list[str]:
             else []
         ),
     ]
+
+
+def _correction_summary(correction: dict | None) -> str:
+    if not correction:
+        return ""
+    applied = "applied" if correction["applied"] else "not applied"
+    return (
+        f" (error correction {applied}: validation {correction['val_accuracy']:.4f} vs "
+        f"{correction['val_accuracy_without']:.4f})"
+    )
 
 
 def run_prune(
@@ -344,6 +355,14 @@ def register(app: typer.Typer) -> None:
                 "--rescore-every along the cut before validating it."
             ),
         ] = True,
+        error_correction: Annotated[
+            bool,
+            typer.Option(
+                help="With lstsq: refit the kept removal's layers on the pruned model's own "
+                "inputs, in the order they run (corrects the error that upstream removals pass "
+                "on); kept when the validation accuracy is no worse."
+            ),
+        ] = True,
         lstsq_memory_gb: Annotated[
             float, typer.Option(help="Memory budget of lstsq Gram matrices (GiB).")
         ] = 4.0,
@@ -469,6 +488,7 @@ def register(app: typer.Typer) -> None:
                 "rank_joint": rank_joint,
                 "oneshot_start": oneshot_start,
                 "oneshot_first": oneshot_first,
+                "error_correction": error_correction,
                 "lstsq_memory_gb": lstsq_memory_gb,
                 "lstsq_min_rows": lstsq_min_rows,
                 "max_memory_gb": max_memory_gb,
