@@ -110,6 +110,29 @@ def test_a_mean_compensated_layer_gets_the_shift_that_restores_its_mean_output(s
     assert not torch.allclose(outputs["plain"].mean(0), original.mean(0), atol=1e-6)
 
 
+def test_output_divergence_is_the_mean_kl_from_the_unpruned_softmax(setting):
+    from cswap.evaluate import output_divergence
+
+    model, space, images, labels, lstsq, _inputs = setting
+    base, scored = _pick(space)
+    units = [*base, *scored]
+    batches = [(images[:10], labels[:10]), (images[10:], labels[10:])]
+    corrected = propagated(model, space, units, lstsq, images)
+    values = output_divergence(model, space, units, batches, [None, lstsq, corrected])
+    with torch.no_grad():
+        reference = torch.log_softmax(model(images), 1)
+        for value, compensation in zip(values, [None, lstsq, corrected], strict=True):
+            with removed(model, space, units, compensation):
+                logp = torch.log_softmax(model(images), 1)
+            expected = torch.nn.functional.kl_div(
+                logp, reference, log_target=True, reduction="batchmean"
+            )
+            assert value == pytest.approx(float(expected), rel=1e-9)
+    assert values[0] > values[1] > 0  # the refit moves the outputs less than plain removal
+    assert output_divergence(model, space, (), batches, [None]) == [0.0]
+    assert hook_count(model) == 0
+
+
 def test_no_removal_is_no_correction(setting):
     model, space, images, _labels, lstsq, _inputs = setting
     assert propagated(model, space, (), lstsq, images) is lstsq

@@ -29,7 +29,13 @@ from cswap.criteria import CRITERIA
 from cswap.data.batches import Batches
 from cswap.data.preprocessing import Preprocessing
 from cswap.errors import CswapError
-from cswap.evaluate import Evaluation, evaluate, per_class_counts, unit_evidence
+from cswap.evaluate import (
+    Evaluation,
+    evaluate,
+    output_divergence,
+    per_class_counts,
+    unit_evidence,
+)
 from cswap.export import export_onnx, save_model
 from cswap.export import load as load_saved
 from cswap.inputs import (
@@ -154,10 +160,11 @@ def _check_choices(method: str, mode: str, compensate: str) -> None:
             raise CswapError(f"Unknown {name} {value!r}.", f"use one of {', '.join(known)}.")
 
 
-def _error_correction(prepared, opts, compensation, result):
+def _error_correction(prepared, opts, compensation, result, threshold: float):
     """The kept removal's consumers refitted on the pruned model's own inputs
-    (``cswap.reconstruct``), kept when the validation accuracy is no worse than without.
-    Returns (compensation, result, report entry or None)."""
+    (``cswap.reconstruct``), kept when it moves the validation outputs less (mean KL from the
+    unpruned model's) without taking validation accuracy below ``threshold`` (or below the
+    plain refit's, when that is lower). Returns (compensation, result, report entry or None)."""
     if not (
         opts.error_correction
         and compensation is not None
@@ -175,13 +182,24 @@ def _error_correction(prepared, opts, compensation, result):
         batch_size=opts.batch_size,
         device=prepared.device,
     )
+    kl_without, kl = output_divergence(
+        prepared.model,
+        prepared.space,
+        result.removed,
+        prepared.validation,
+        [compensation, corrected],
+        device=prepared.device,
+    )
     validation = prepared.validator(corrected, prefix_reuse=False)(result.removed)
     without = result.final_validation
-    applied = validation.accuracy >= without.accuracy
+    floor = min(threshold, without.accuracy)
+    applied = kl <= kl_without and validation.accuracy >= floor
     note = {
         "applied": applied,
         "layers_refitted": len(corrected.fitted or {}),
         "layers_shifted": len(corrected.shifts or {}),
+        "val_kl": round(kl, 6),
+        "val_kl_without": round(kl_without, 6),
         "val_accuracy": round(validation.accuracy, 6),
         "val_accuracy_without": round(without.accuracy, 6),
         "seconds": round(time.perf_counter() - started, 2),
@@ -336,7 +354,10 @@ def prune(
             )  # fmt: skip
     finally:
         ranker.close()
-    compensation, result, correction = _error_correction(prepared, opts, compensation, result)
+    threshold = prepared.baseline.accuracy - schedule_config.tolerance
+    compensation, result, correction = _error_correction(
+        prepared, opts, compensation, result, threshold
+    )
     scoring_seconds = time.perf_counter() - started
     with stage("surgery"):
         pruned, sinks = prune_and_fold(

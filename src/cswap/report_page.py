@@ -629,12 +629,14 @@ def _correction_note(correction: dict | None) -> str:
     """One line on the error correction (the refit on the pruned model's own inputs)."""
     if not correction:
         return ""
-    verdict = "applied" if correction["applied"] else "not applied (validation was worse)"
+    verdict = "applied" if correction["applied"] else "not applied"
     return (
         f"<p>Error correction {verdict}: {correction['layers_refitted']} layers refitted and "
-        f"{correction['layers_shifted']} shifted on the pruned model's own inputs; validation "
-        f"accuracy {correction['val_accuracy']:.4f} with it, "
-        f"{correction['val_accuracy_without']:.4f} without ({correction['seconds']:.1f} s).</p>"
+        f"{correction['layers_shifted']} shifted on the pruned model's own inputs; on the "
+        f"validation images, mean KL from the unpruned model {correction['val_kl']:.4g} with "
+        f"it, {correction['val_kl_without']:.4g} without; accuracy "
+        f"{correction['val_accuracy']:.4f} with it, {correction['val_accuracy_without']:.4f} "
+        f"without ({correction['seconds']:.1f} s).</p>"
     )
 
 

@@ -107,7 +107,8 @@ def _correction_summary(correction: dict | None) -> str:
         return ""
     applied = "applied" if correction["applied"] else "not applied"
     return (
-        f" (error correction {applied}: validation {correction['val_accuracy']:.4f} vs "
+        f" (error correction {applied}: validation KL {correction['val_kl']:.4g} vs "
+        f"{correction['val_kl_without']:.4g}, accuracy {correction['val_accuracy']:.4f} vs "
         f"{correction['val_accuracy_without']:.4f})"
     )
 
