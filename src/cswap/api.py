@@ -172,6 +172,11 @@ def _error_correction(prepared, opts, compensation, result, threshold: float):
         and result.removed
     ):
         return compensation, result, None
+    with stage("error correction"):
+        return _corrected(prepared, opts, compensation, result, threshold)
+
+
+def _corrected(prepared, opts, compensation, result, threshold: float):
     started = time.perf_counter()
     corrected = propagated(
         prepared.model,

@@ -36,7 +36,6 @@ from cswap.compensation import (
     layer_theta,
 )
 from cswap.intervene import removed
-from cswap.timings import stage
 from cswap.units import UnitSpace
 
 
@@ -67,20 +66,19 @@ def propagated(
     was_training = model.training
     model.eval()
     try:
-        with stage("error correction"):
-            for layer in _execution_order(model, list(inputs), images[:1].to(device)):
-                indices = frozenset(inputs[layer][1])
-                current = replace(compensation, fitted=dict(fitted), shifts=dict(shifts))
-                module = modules[layer]
-                kept, cross, mean_gap = _paired_moments(
-                    model, space, units, current, module, images, batch_size, device, indices
-                )
-                theta = layer_theta(module)
-                if compensation.refits(layer):
-                    fit = _solve(compensation, layer, module, theta, kept, cross, indices)
-                    fitted[layer] = (indices, *fit)
-                else:
-                    shifts[layer] = (indices, mean_gap @ theta)
+        for layer in _execution_order(model, list(inputs), images[:1].to(device)):
+            indices = frozenset(inputs[layer][1])
+            current = replace(compensation, fitted=dict(fitted), shifts=dict(shifts))
+            module = modules[layer]
+            gram, cross, mean_gap = _paired_moments(
+                model, space, units, current, module, images, batch_size, device
+            )
+            theta = layer_theta(module)
+            if compensation.refits(layer):
+                fit = _solve(compensation, layer, module, theta, gram, cross, indices)
+                fitted[layer] = (indices, *fit)
+            else:
+                shifts[layer] = (indices, mean_gap @ theta)
     finally:
         model.train(was_training)
     return replace(compensation, fitted=fitted, shifts=shifts)
@@ -125,9 +123,9 @@ def _capture(model: nn.Module, module: nn.Module, batch: torch.Tensor) -> torch.
     return captured[0]
 
 
-def _paired_moments(model, space, units, current, module, images, batch_size, device, indices):
-    """(G', C, mean gap) of ``module``'s inputs over ``images``: pruned (x') against unpruned
-    (x), with the ones column; the pruned input is zero at the removed ``indices``."""
+def _paired_moments(model, space, units, current, module, images, batch_size, device):
+    """(G', C, mean gap) of ``module``'s inputs over ``images``: pruned (x', zero at the
+    removed inputs) against unpruned (x), with the ones column."""
     gram = cross = gap = None
     rows = 0
     for start in range(0, len(images), batch_size):
