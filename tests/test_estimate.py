@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 import torch
 
+from cswap import banded
 from cswap.banded import banded_categorization
 from cswap.categorize import ESTIMATED, CategoryConfig, categorize
 from cswap.compensation import consumer_indices, measure_means
+from cswap.control import ControlVariate, fit_coefficients, second_order_proxy
 from cswap.estimate import (
     BandConfig,
     EstimateFit,
@@ -271,11 +273,21 @@ def test_two_stage_band_equals_one_pass_scoring_or_the_subsample_mean(setting):
     assert two.passes == pytest.approx(len(fully) + len(two.sampled) * share)
 
 
-def test_an_early_stage_settles_units_on_its_own_images_and_the_rest_as_before(setting):
+@pytest.mark.parametrize("control_variate", [False, True], ids=["plain", "control-variate"])
+def test_an_early_stage_settles_units_on_its_own_images_and_the_rest_as_before(
+    setting, control_variate, monkeypatch
+):
     """With an early stage (3 of the first stage's 9 images), every unit carries the mean KL of
     exactly the images of the last stage that scored it, or the effects of one pass over every
-    image; the passes count each unit at the share of the images it was scored on."""
+    image; the passes count each unit at the share of the images it was scored on. With the
+    control variate (lstsq that mean-compensates the Linear layers, 30 rows for 32 and 64
+    features), the means of the mean-folded units are corrected by it: the proxy
+    (cswap.control) and its coefficients checked on the first scoring (the pilot units on the
+    first stage's images); the refitted units keep plain means."""
     model, space, images, labels, lstsq, _ = setting
+    if control_variate:
+        lstsq = measure_means(model, space, images, mode="lstsq", ridge=RIDGE, min_rows=4)
+        assert lstsq.fallback and set(lstsq.grams)  # some layers mean-folded, some refitted
     exact = causal_effects(model, space, images, labels, compensation=lstsq)
     full = categorize(exact, CategoryConfig(min_class_size=5))
     row = {int(u): i for i, u in enumerate(full.unit_ids)}
@@ -286,6 +298,11 @@ def test_an_early_stage_settles_units_on_its_own_images_and_the_rest_as_before(s
     assert len(first_rows) == 9 and len(early_rows) == 3 and set(early_rows) < set(first_rows)
     calls = []  # (units, images) of every exact scoring
 
+    controls = []
+    monkeypatch.setattr(
+        banded, "ControlVariate", lambda *a: controls.append(ControlVariate(*a)) or controls[-1]
+    )
+
     def score(**kwargs):
         calls.append((list(kwargs["units"]), len(kwargs["images"])))
         return causal_effects(model, space, compensation=lstsq, **kwargs)
@@ -293,25 +310,49 @@ def test_an_early_stage_settles_units_on_its_own_images_and_the_rest_as_before(s
     three = banded_categorization(
         score, model, space, lstsq, (), images=images, labels=labels,
         horizon=0.5 * space.params_total, cost_kind="params",
-        band=BandConfig(z=2.0, per_group=2, **band, **early),
+        band=BandConfig(z=2.0, per_group=2, **band, **early, control_variate=control_variate),
         category_config=CategoryConfig(min_class_size=5),
     )  # fmt: skip
     last = {u: size for units, size in calls for u in units}  # images of its last stage
     # the scale's sample on the first stage (9); the band early (3), then on the first stage's
     # other images (6); the rest of the images (21)
-    assert {size for _, size in calls} == {3, 6, 9, 21}
+    sizes = {size for _, size in calls}
+    assert sizes == {3, 6, 9, 21} if not control_variate else sizes <= {3, 6, 9, 21}
     assert three.passes == pytest.approx(sum(len(u) * n / len(labels) for u, n in calls))
     c = three.categorization
     stages = {3: early_rows, 6: first_rows, 9: first_rows}
+    control = _expected_control(model, space, images, lstsq, exact, row, calls[0][0], first_rows)
+    assert len(controls) == int(control_variate)
+    if control_variate:
+        assert controls[0].index == control.index and 1.0 in control.coefficient.values()
+        assert controls[0].coefficient == control.coefficient
+        assert controls[0].proxy == pytest.approx(control.proxy, rel=1e-9, abs=1e-18)
+        corrected = [u for u in three.sampled if control.coefficient.get(u)]
+        assert corrected  # some decided units carry a corrected mean
     for i, unit in enumerate(c.unit_ids.tolist()):
         if unit in three.sampled:  # the mean of exactly the images it was scored on
-            mean = exact.kl[row[unit], stages[last[unit]]].mean()
-            assert c.kl[i] == pytest.approx(mean, rel=1e-6, abs=1e-14)
+            columns = stages[last[unit]]
+            kl = exact.kl[row[unit], columns][None, :]
+            if control_variate:
+                kl = control.adjusted([unit], kl, columns)
+            assert c.kl[i] == pytest.approx(kl.mean(), rel=1e-6, abs=1e-14)
         elif c.categories[i] != ESTIMATED:  # scored on every image
             assert last[unit] == 21
             assert c.kl[i] == pytest.approx(full.kl[row[unit]], rel=1e-9, abs=1e-15)
     settled_early = [u for u in three.sampled if last[u] == 3]
-    assert settled_early and len(settled_early) < len(three.sampled)
+    if not control_variate:  # (the other compensation moves the units elsewhere)
+        assert settled_early and len(settled_early) < len(three.sampled)
+
+
+def _expected_control(model, space, images, lstsq, exact, row, pilots, first_rows):
+    """The control variate from its parts: the proxy of every mean-folded unit on every image,
+    the coefficients checked on the pilot units' exact effects on the first stage's images."""
+    units = [u.id for u in space.units if not any(lstsq.refits(t.layer) for t in u.targets)]
+    proxy = second_order_proxy(model, space, units, images, means=lstsq.means)
+    index = {unit: i for i, unit in enumerate(units)}
+    pilot_kl = exact.kl[[row[u] for u in pilots]][:, first_rows]
+    coefficients = fit_coefficients(space, index, proxy, pilots, pilot_kl, first_rows)
+    return ControlVariate(index, proxy, coefficients)
 
 
 def test_split_samples_keeps_each_labels_share_and_is_seeded():

@@ -33,6 +33,7 @@ from torch import nn
 
 from cswap.categorize import Categorization, CategoryConfig, categorize, with_estimates
 from cswap.compensation import Compensation
+from cswap.control import ControlVariate, fit_coefficients, second_order_proxy
 from cswap.estimate import (
     BandConfig,
     calibration_sample,
@@ -105,6 +106,10 @@ def banded_categorization(
     first_units = sorted(set(calibration_sample(space, costs, band.per_group)))
     first_units = sorted(first_units + [u for u in units if u not in costs])
     first = stages.first(first_units)  # on the subsample when there are two stages
+    if band.control_variate:
+        stages.control = _control_variate(
+            model, space, compensation, removed, units, first, stages, device
+        )
     sampled_first = dict(zip(first.unit_ids.tolist(), first.kl.mean(axis=1).tolist(), strict=True))
     fit = fit_scale(space, costs, sampled_first, band.min_sd)
     estimated = fit.damage(space, costs)
@@ -173,7 +178,8 @@ class _Stages:
 
     def __init__(self, score, images, labels, band, seed, progress) -> None:
         self.score, self.images, self.labels, self.band = score, images, labels, band
-        self.progress = progress
+        self.progress, self.seed = progress, seed
+        self.control: ControlVariate | None = None  # set after the first stage
         self.rows = split_samples(labels.numpy(), band, seed)
         self.share = 1.0 if self.rows is None else len(self.rows) / len(labels)
         self.early = None  # positions within ``rows`` of the early stage's images
@@ -206,7 +212,7 @@ class _Stages:
         early_share = len(self.early) / total
         self.passes += len(units) * early_share
         early = self._on(units, self.rows[self.early], early_share)
-        kept, settled = self._settle(early, values, edge)
+        kept, settled = self._settle(early, values, edge, self.rows[self.early])
         if self.progress is not None:
             self.progress(len(settled) * (1 - early_share))
         later = np.setdiff1d(np.arange(len(self.rows)), self.early)
@@ -223,7 +229,7 @@ class _Stages:
         with the subsample means."""
         if self.rows is None:
             return partial, {}
-        kept, sampled = self._settle(partial, values, edge)
+        kept, sampled = self._settle(partial, values, edge, self.rows)
         if self.progress is not None:
             self.progress(len(sampled) * (1 - self.share))
         self.passes += len(kept) * (1 - self.share)
@@ -233,12 +239,21 @@ class _Stages:
         second = self._on(kept, other, 1 - self.share)
         return join_samples([(second, other), (partial, self.rows)]), sampled
 
-    def _settle(self, partial: CausalEffects, values, edge) -> tuple[list[int], dict]:
+    @property
+    def first_columns(self) -> np.ndarray:
+        """The calibration images of the first stage."""
+        return np.arange(len(self.labels)) if self.rows is None else self.rows
+
+    def _settle(self, partial: CausalEffects, values, edge, columns) -> tuple[list[int], dict]:
         """(units still within z standard errors of the edge, {unit: mean KL so far} of the
-        others): the edge placed by ``values`` with these units' means."""
-        means = partial.kl.mean(axis=1).tolist()
+        others): the edge placed by ``values`` with these units' means; ``columns``: the
+        images ``partial`` was measured on (the control variate's correction needs them)."""
         ids = partial.unit_ids.tolist()
-        spreads = sample_spread(partial.kl, len(self.labels), self.band).tolist()
+        kl = partial.kl
+        if self.control is not None:
+            kl = self.control.adjusted(ids, kl, columns)
+        means = kl.mean(axis=1).tolist()
+        spreads = sample_spread(kl, len(self.labels), self.band).tolist()
         spread = dict(zip(ids, spreads, strict=True))
         inside = edge.band(values | dict(zip(ids, means, strict=True)), spread)
         kept = [unit for unit in ids if unit in inside]
@@ -275,6 +290,44 @@ def _sensitivity(model, space, compensation, removed, units, images, device, see
             return output_sensitivity(model, layers, images, device=device, seed=seed)
     finally:
         model.train(was_training)
+
+
+def _control_variate(model, space, compensation, removed, units, first, stages, device):
+    """The staged scoring's control variate (cswap.control) for the units whose every consumer
+    is mean-folded (or uncompensated): the proxy on every calibration image, its coefficients
+    checked on the pilot units' first stage; None with one stage (nothing is decided on a
+    subsample) or no such unit."""
+    folded = [u for u in units if not _refitted(space, compensation, u)]
+    if stages.rows is None or not folded:
+        return None
+    was_training = model.training
+    model.eval()
+    try:
+        with stage("control variate"), intervention(model, space, removed, compensation):
+            proxy = second_order_proxy(
+                model,
+                space,
+                folded,
+                stages.images,
+                means=None if compensation is None else compensation.means,
+                device=device,
+                seed=stages.seed,
+            )
+    finally:
+        model.train(was_training)
+    index = {unit: row for row, unit in enumerate(folded)}
+    coefficients = fit_coefficients(
+        space, index, proxy, first.unit_ids.tolist(), first.kl, stages.first_columns
+    )
+    return ControlVariate(index, proxy, coefficients)
+
+
+def _refitted(space: UnitSpace, compensation: Compensation | None, unit: int) -> bool:
+    """Whether some consumer of ``unit`` is refitted by lstsq (its removal is then not the mean
+    fold the control variate's proxy expands)."""
+    if compensation is None:
+        return False
+    return any(compensation.refits(target.layer) for target in space.units[unit].targets)
 
 
 def with_joint(

@@ -605,6 +605,7 @@ class Lever:
     sample_fraction: float = 0.25  # with band: its units on this share of the images first
     early_fraction: float = 0.25  # with band: and on this share of those before that
     edges: int = len(SPEED_CUTS)  # with band: banded at the last this many of SPEED_CUTS
+    control_variate: bool = False  # with band: subsample means corrected (cswap.control)
 
 
 SPEED_LEVERS = {
@@ -624,6 +625,8 @@ SPEED_LEVERS = {
     # cswap prune's scoring levers, banded at every cut this round is judged at (a progressive
     # run's round has one: its next cut)
     "default": Lever(prefix=True, per_pass=None, band=True),
+    # the default with the control variate (cswap.control)
+    "cv": Lever(prefix=True, per_pass=None, band=True, control_variate=True),
 }
 
 
@@ -740,7 +743,7 @@ def _speed_session(spec, calib_per_class, compensate, batch_size, seed, device):
 
 def _lever_round(prepared, compensation, lever: Lever, seed, batch_size, memory_budget_mb):
     """The first scoring round under ``lever``: its categorization and what it spent."""
-    from cswap.banded import banded_categorization
+    from cswap.banded import banded_categorization, with_joint
     from cswap.estimate import BandConfig
     from cswap.fastscore import FastConfig, fast_categorize
     from cswap.scoring import causal_effects
@@ -770,7 +773,9 @@ def _lever_round(prepared, compensation, lever: Lever, seed, batch_size, memory_
             horizon=[cut * prepared.space.params_total for cut in SPEED_CUTS[-lever.edges :]],
             cost_kind="params",
             band=BandConfig(
-                sample_fraction=lever.sample_fraction, early_fraction=lever.early_fraction
+                sample_fraction=lever.sample_fraction,
+                early_fraction=lever.early_fraction,
+                control_variate=lever.control_variate,
             ),
             category_config=config,
             seed=seed,
@@ -791,8 +796,20 @@ def _lever_round(prepared, compensation, lever: Lever, seed, batch_size, memory_
         seed=seed,
         **scoring,
     )
+    # ranked as cswap prune ranks an exactly scored round (the banded rounds add their own)
+    categorization = with_joint(
+        result.categorization,
+        prepared.model,
+        prepared.space,
+        compensation,
+        (),
+        "params",
+        images=prepared.calibration_images,
+        device=prepared.device,
+        seed=seed,
+    )
     return {
-        "categorization": result.categorization,
+        "categorization": categorization,
         "exact_pass_fraction": round(result.exact_passes / result.full_passes, 4),
         "settled_early": result.settled_early,
         "screened": result.screened,

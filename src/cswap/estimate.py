@@ -57,7 +57,9 @@ class BandConfig:
     from the edge is decided on that mean; only the rest are scored on the other images too.
     An earlier stage (``early_fraction`` > 0) scores the band's units on ``early_fraction`` of
     the first stage's images (at least ``early_min_samples``) before that, with the same rule;
-    the units fitting the estimate's scale start at the first stage."""
+    the units fitting the estimate's scale start at the first stage. ``control_variate``: the
+    subsample means are corrected by a cheap per-image proxy known on every image
+    (cswap.control), which narrows their standard errors."""
 
     z: float = 2.0
     per_group: int = 4
@@ -68,6 +70,7 @@ class BandConfig:
     min_relative_se: float = 0.1
     early_fraction: float = 0.25
     early_min_samples: int = 8
+    control_variate: bool = False
 
     def __post_init__(self) -> None:
         if self.z <= 0 or self.per_group < 2 or self.min_sd < 0 or self.max_exact < 0:
@@ -154,7 +157,7 @@ def output_sensitivity(
             for start in range(0, len(images), batch_size):
                 x = images[start : start + batch_size].to(device).requires_grad_(True)
                 log_p = torch.log_softmax(model(x), dim=1)
-                for weight, chosen in _label_draws(log_p.detach().exp(), draws, generator):
+                for weight, chosen in label_draws(log_p.detach().exp(), draws, generator):
                     picked = log_p.gather(1, chosen.view(-1, 1)).squeeze(1)
                     grads = torch.autograd.grad(
                         picked.sum(), [outputs[layer] for layer in layers], retain_graph=True
@@ -168,7 +171,7 @@ def output_sensitivity(
     return {layer: (total / len(images)).cpu() for layer, total in totals.items()}
 
 
-def _label_draws(probabilities: torch.Tensor, draws: int, generator: torch.Generator):
+def label_draws(probabilities: torch.Tensor, draws: int, generator: torch.Generator):
     """(per-sample weight, label per sample) pairs whose weighted sum over the pairs is the sum
     over classes with weight p_c(x): every class when few, else ``draws`` labels from p(x)."""
     samples, classes = probabilities.shape

@@ -114,6 +114,8 @@ class Options:
     # the band's units scored on this share of the calibration images first (0: all at once)
     sample_fraction: float = 0.25
     early_fraction: float = 0.25  # and on this share of those first (0: no early stage)
+    # subsample means corrected by a per-image proxy (cswap.control); off: measured slower on vgg
+    control_variate: bool = False
     units_per_pass: int | None = None  # None: auto (1 on CPU); 0: fill memory_budget_mb
     memory_budget_mb: float = 1024.0
     # scale-out: score on Ray workers (0: in this process); ray_address joins a cluster
@@ -158,6 +160,7 @@ class Options:
             max_exact=self.exact_max,
             sample_fraction=self.sample_fraction,
             early_fraction=self.early_fraction,
+            control_variate=self.control_variate,
         )
 
     def rank_config(self, allow_critical: bool | None = None) -> RankConfig:

@@ -206,7 +206,8 @@ def register(app: typer.Typer) -> None:
             str,
             typer.Option(
                 help="naive, prefix, batching, sequential, futility, screening, band, all, "
-                "default (what cswap prune does: prefix reuse + the exact band)."
+                "onestage, oneedge, twostage, cv (default with the control variate), "
+                "default (what cswap prune does: prefix reuse + the exact band in stages)."
             ),
         ] = "naive,prefix,band,default",
         calib_per_class: Annotated[int, typer.Option(help="Calibration images per class.")] = 50,

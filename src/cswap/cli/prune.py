@@ -432,6 +432,14 @@ def register(app: typer.Typer) -> None:
                 "(at least 8) with the same rule. 0: no early stage."
             ),
         ] = 0.25,
+        control_variate: Annotated[
+            bool,
+            typer.Option(
+                help="Progressive: correct the band's subsample means by a cheap per-image "
+                "proxy of the same KL known on every image (same mean, narrower: fewer images "
+                "per verdict; only for units whose consumers are mean-folded)."
+            ),
+        ] = False,
         units_per_pass: Annotated[
             int | None,
             typer.Option(
@@ -506,6 +514,7 @@ def register(app: typer.Typer) -> None:
                 "exact_max": exact_max,
                 "sample_fraction": sample_fraction,
                 "early_fraction": early_fraction,
+                "control_variate": control_variate,
                 "units_per_pass": units_per_pass,
                 "memory_budget_mb": memory_budget_mb,
                 "workers": workers,
