@@ -133,7 +133,11 @@ def test_speed_bench_reports_every_lever_against_naive():
     from cswap.bench import speed_bench
 
     result = speed_bench(
-        "zoo:vit", levers=("prefix", "batching", "band"), calib_per_class=1, echo=lambda _: None
+        "zoo:vit",
+        levers=("prefix", "batching", "band"),
+        calib_per_class=1,
+        test_size=100,
+        echo=lambda _: None,
     )
     for key in ("naive_seconds", "fast_seconds", "speedup", "cpu_speedup", "category_agreement"):
         assert key in result
@@ -146,6 +150,13 @@ def test_speed_bench_reports_every_lever_against_naive():
         assert entry["xi_spearman"] > 0.999999
         assert entry["removal_agreement"] == {"0.3": 1.0, "0.5": 1.0}
         assert entry["exact_pass_fraction"] == 1.0
+        assert entry["cut_accuracy"] == result["naive_cut_accuracy"]  # the same cuts
+    # the cuts' accuracy on the first 100 test images
+    assert set(result["naive_cut_accuracy"]) == {"0.3", "0.5"}
+    assert result["cut_accuracy"] == result["levers"]["band"]["cut_accuracy"]
+    assert result["cut_accuracy_gap"] == pytest.approx(
+        max(result["naive_cut_accuracy"][c] - result["cut_accuracy"][c] for c in ("0.3", "0.5"))
+    )
     band = result["levers"]["band"]
     estimated = band["categories"].get("estimated", 0)
     assert band["estimated"] == estimated

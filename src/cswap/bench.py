@@ -668,18 +668,20 @@ def speed_bench(
     memory_budget_mb: float = 1024.0,
     seed: int = 0,
     device: str = "cpu",
+    test_size: int | None = None,
     echo: Callable[[str], None] = print,
 ) -> dict:
     """Time the first scoring of ``spec`` under each lever; compare categories, xi and the
     units that one-shot cuts at 30% and 50% of the parameters remove with the naive exact run
-    (one unit per full forward pass, fixed n, no screening, every unit exact). ``compensate``:
-    the interventions scored, as ``cswap prune`` scores them (the compensated removal)."""
+    (one unit per full forward pass, fixed n, no screening, every unit exact), and those cuts'
+    test accuracy (the first ``test_size`` test images; None: all). ``compensate``: the
+    interventions scored, as ``cswap prune`` scores them (the compensated removal)."""
     unknown = [lever for lever in levers if lever not in SPEED_LEVERS]
     if unknown:
         raise CswapError(f"Unknown levers {unknown}.", f"use some of {', '.join(SPEED_LEVERS)}.")
     levers = ["naive", *[lever for lever in levers if lever != "naive"]]
-    prepared, compensation = _speed_session(
-        spec, calib_per_class, compensate, batch_size, seed, device
+    prepared, compensation, test = _speed_session(
+        spec, calib_per_class, compensate, batch_size, seed, device, test_size
     )
     space = prepared.space
     results: dict[str, dict] = {}
@@ -704,6 +706,10 @@ def speed_bench(
             **{k: v for k, v in round_.items() if k != "categorization"},
             **_agreement(categorization, reference[0]),
             "removal_agreement": {str(cut): _jaccard(cuts[cut], reference[1][cut]) for cut in cuts},
+            "cut_accuracy": {
+                str(cut): _cut_accuracy(prepared, units, compensation, test)
+                for cut, units in cuts.items()
+            },
             "categories": categorization.counts(),
         }
         results[lever] = entry
@@ -712,12 +718,14 @@ def speed_bench(
             f"exact {entry['exact_pass_fraction']:.3f}  "
             f"agreement {entry['category_agreement']:.4f}  "
             f"removal {min(entry['removal_agreement'].values()):.4f}  "
+            f"test accuracy {' / '.join(f'{a:.4f}' for a in entry['cut_accuracy'].values())}  "
             f"peak {entry['peak_memory_mb']:.0f} MB"
         )
     return _speed_summary(spec, prepared, compensate, results, levers)
 
 
-def _speed_session(spec, calib_per_class, compensate, batch_size, seed, device):
+def _speed_session(spec, calib_per_class, compensate, batch_size, seed, device, test_size=None):
+    """(prepared session, compensation, test batches)."""
     loaded = api.load_spec(spec)
     selection = api.select_data(
         loaded,
@@ -738,7 +746,21 @@ def _speed_session(spec, calib_per_class, compensate, batch_size, seed, device):
         device=device,
         options=options,
     )
-    return prepared, measure_compensation(prepared, compensate, options)
+    images, labels = tensors(selection.test, batch_size)
+    images, labels = images[:test_size], labels[:test_size]
+    test = [
+        (images[i : i + batch_size], labels[i : i + batch_size])
+        for i in range(0, len(images), batch_size)
+    ]
+    return prepared, measure_compensation(prepared, compensate, options), test
+
+
+def _cut_accuracy(prepared, units, compensation, test) -> float:
+    """Test accuracy of the model with ``units`` removed (compensated as they were scored)."""
+    model = prepared.model
+    with intervention(model, prepared.space, units, compensation):
+        predictions, labels = predict(model, test, prepared.device)
+    return round(float((predictions == labels).float().mean()), 4)
 
 
 def _lever_round(prepared, compensation, lever: Lever, seed, batch_size, memory_budget_mb):
@@ -866,6 +888,13 @@ def _speed_summary(spec, prepared, compensate, results, levers) -> dict:
         "category_agreement": fast["category_agreement"],
         "categories_tested": fast["categories_tested"],
         "removal_agreement": min(fast["removal_agreement"].values()),
+        # test accuracy of the one-shot cuts: what a differing removal costs
+        "cut_accuracy": fast["cut_accuracy"],
+        "naive_cut_accuracy": naive["cut_accuracy"],
+        "cut_accuracy_gap": round(
+            max(naive["cut_accuracy"][c] - fast["cut_accuracy"][c] for c in naive["cut_accuracy"]),
+            4,
+        ),
         "xi_spearman": fast["xi_spearman"],
         "peak_memory_mb": max(entry["peak_memory_mb"] for entry in results.values()),
         "levers": results,
