@@ -163,6 +163,14 @@ def test_speed_bench_reports_every_lever_against_naive():
     assert band["exact_pass_fraction"] == pytest.approx(1 - estimated / result["units"], abs=1e-4)
     assert band["categories_tested"] == pytest.approx(band["exact_pass_fraction"], abs=1e-4)
     assert result["peak_memory_mb"] > 0
+    # every other lever is timed before and after naive, with the same decisions each time
+    assert len(result["levers"]["naive"]["seconds_runs"]) == 1
+    for lever in ("prefix", "batching", "band"):
+        entry = result["levers"][lever]
+        assert len(entry["seconds_runs"]) == 2 and entry["repeatable"] is True
+        assert entry["seconds"] == pytest.approx(sum(entry["seconds_runs"]) / 2, abs=1e-3)
+    low, high = result["speedup_range"]
+    assert low <= result["speedup"] + 1e-3 and result["speedup"] <= high + 1e-3
     with pytest.raises(CswapError, match="Unknown levers"):
         speed_bench("zoo:vit", levers=("warp",))
 

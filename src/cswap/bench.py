@@ -669,59 +669,103 @@ def speed_bench(
     seed: int = 0,
     device: str = "cpu",
     test_size: int | None = None,
+    bracket: bool = True,
     echo: Callable[[str], None] = print,
 ) -> dict:
     """Time the first scoring of ``spec`` under each lever; compare categories, xi and the
     units that one-shot cuts at 30% and 50% of the parameters remove with the naive exact run
     (one unit per full forward pass, fixed n, no screening, every unit exact), and those cuts'
     test accuracy (the first ``test_size`` test images; None: all). ``compensate``: the
-    interventions scored, as ``cswap prune`` scores them (the compensated removal)."""
+    interventions scored, as ``cswap prune`` scores them (the compensated removal).
+    ``bracket``: every other lever is timed once before naive and once after it (naive, the
+    longest, runs once), so a drift of the machine's speed during the run shows as the spread
+    of each lever's two timings and of its speedup (``speedup_range``)."""
     unknown = [lever for lever in levers if lever not in SPEED_LEVERS]
     if unknown:
         raise CswapError(f"Unknown levers {unknown}.", f"use some of {', '.join(SPEED_LEVERS)}.")
-    levers = ["naive", *[lever for lever in levers if lever != "naive"]]
+    others = [lever for lever in levers if lever != "naive"]
+    levers = ["naive", *others]
     prepared, compensation, test = _speed_session(
         spec, calib_per_class, compensate, batch_size, seed, device, test_size
     )
+    timed = functools.partial(
+        _timed_round, prepared, compensation, seed, batch_size, memory_budget_mb
+    )
+    before = {lever: timed(lever) for lever in others} if bracket else {}
+    runs = {"naive": [timed("naive")]}
+    for lever in others:
+        runs[lever] = [before[lever], timed(lever)] if bracket else [timed(lever)]
     space = prepared.space
+    reference = runs["naive"][0]["categorization"]
+    reference_cuts = _speed_cuts(space, reference)
     results: dict[str, dict] = {}
-    reference = None
     for lever in levers:
-        started, cpu_started = time.perf_counter(), time.process_time()
-        with _PeakMemory() as memory:
-            round_ = _lever_round(
-                prepared, compensation, SPEED_LEVERS[lever], seed, batch_size, memory_budget_mb
-            )
-        seconds = time.perf_counter() - started
-        cpu_seconds = time.process_time() - cpu_started
-        categorization = round_["categorization"]
+        timings = runs[lever]
+        categorization = timings[0]["categorization"]
         cuts = _speed_cuts(space, categorization)
-        reference = reference or (categorization, cuts)
         entry = {
-            "seconds": round(seconds, 3),
-            "cpu_seconds": round(cpu_seconds, 3),
-            "units_per_second": round(len(space) / seconds, 3),
-            "peak_memory_mb": round(memory.peak, 1),
-            "memory_growth_mb": round(memory.peak - memory.start, 1),
-            **{k: v for k, v in round_.items() if k != "categorization"},
-            **_agreement(categorization, reference[0]),
-            "removal_agreement": {str(cut): _jaccard(cuts[cut], reference[1][cut]) for cut in cuts},
+            **_timing_entry(timings, len(space)),
+            **{k: v for k, v in timings[0]["round"].items() if k != "categorization"},
+            **_agreement(categorization, reference),
+            "removal_agreement": {str(c): _jaccard(cuts[c], reference_cuts[c]) for c in cuts},
             "cut_accuracy": {
                 str(cut): _cut_accuracy(prepared, units, compensation, test)
                 for cut, units in cuts.items()
             },
             "categories": categorization.counts(),
+            # every run of the lever decided the same (the scoring is seeded)
+            "repeatable": all(
+                np.array_equal(t["categorization"].kl, categorization.kl, equal_nan=True)
+                for t in timings
+            ),
         }
         results[lever] = entry
-        echo(
-            f"{spec} {lever:10s} {seconds:8.1f} s (cpu {cpu_seconds:7.1f} s)  "
-            f"exact {entry['exact_pass_fraction']:.3f}  "
-            f"agreement {entry['category_agreement']:.4f}  "
-            f"removal {min(entry['removal_agreement'].values()):.4f}  "
-            f"test accuracy {' / '.join(f'{a:.4f}' for a in entry['cut_accuracy'].values())}  "
-            f"peak {entry['peak_memory_mb']:.0f} MB"
-        )
+        echo(_speed_line(spec, lever, entry))
     return _speed_summary(spec, prepared, compensate, results, levers)
+
+
+def _timed_round(prepared, compensation, seed, batch_size, memory_budget_mb, lever) -> dict:
+    """One first scoring round under ``lever``: its wall and CPU seconds, memory, what it
+    spent and its categorization."""
+    started, cpu_started = time.perf_counter(), time.process_time()
+    with _PeakMemory() as memory:
+        round_ = _lever_round(
+            prepared, compensation, SPEED_LEVERS[lever], seed, batch_size, memory_budget_mb
+        )
+    return {
+        "seconds": time.perf_counter() - started,
+        "cpu_seconds": time.process_time() - cpu_started,
+        "peak": memory.peak,
+        "growth": memory.peak - memory.start,
+        "round": round_,
+        "categorization": round_["categorization"],
+    }
+
+
+def _timing_entry(timings: list[dict], units: int) -> dict:
+    """A lever's timings over its runs: the mean, and each run's (``seconds_runs``)."""
+    seconds = float(np.mean([t["seconds"] for t in timings]))
+    return {
+        "seconds": round(seconds, 3),
+        "seconds_runs": [round(t["seconds"], 3) for t in timings],
+        "cpu_seconds": round(float(np.mean([t["cpu_seconds"] for t in timings])), 3),
+        "cpu_seconds_runs": [round(t["cpu_seconds"], 3) for t in timings],
+        "units_per_second": round(units / seconds, 3),
+        "peak_memory_mb": round(max(t["peak"] for t in timings), 1),
+        "memory_growth_mb": round(max(t["growth"] for t in timings), 1),
+    }
+
+
+def _speed_line(spec: str, lever: str, entry: dict) -> str:
+    runs = " / ".join(f"{s:.1f}" for s in entry["seconds_runs"])
+    return (
+        f"{spec} {lever:10s} {entry['seconds']:8.1f} s ({runs}; cpu {entry['cpu_seconds']:7.1f}"
+        f" s)  exact {entry['exact_pass_fraction']:.3f}  "
+        f"agreement {entry['category_agreement']:.4f}  "
+        f"removal {min(entry['removal_agreement'].values()):.4f}  "
+        f"test accuracy {' / '.join(f'{a:.4f}' for a in entry['cut_accuracy'].values())}  "
+        f"peak {entry['peak_memory_mb']:.0f} MB"
+    )
 
 
 def _speed_session(spec, calib_per_class, compensate, batch_size, seed, device, test_size=None):
@@ -881,6 +925,11 @@ def _speed_summary(spec, prepared, compensate, results, levers) -> dict:
         "naive_seconds": naive["seconds"],
         "fast_seconds": fast["seconds"],
         "speedup": round(naive["seconds"] / fast["seconds"], 3),
+        # naive over the fast lever's slowest and fastest run (bracketing naive)
+        "speedup_range": [
+            round(naive["seconds"] / max(fast["seconds_runs"]), 3),
+            round(naive["seconds"] / min(fast["seconds_runs"]), 3),
+        ],
         # CPU time of this process: robust to other jobs sharing the cores (wall time is not)
         "naive_cpu_seconds": naive["cpu_seconds"],
         "fast_cpu_seconds": fast["cpu_seconds"],

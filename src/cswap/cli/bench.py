@@ -249,6 +249,13 @@ def register(app: typer.Typer) -> None:
         device: DeviceOption = None,
         batch_size: BatchSizeOption = 256,
         as_json: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
+        bracket: Annotated[
+            bool,
+            typer.Option(
+                help="Time every other lever once before and once after naive (the spread "
+                "shows drift in the machine's speed).",
+            ),
+        ] = True,
     ) -> None:
         """Scoring speed: naive exact scoring vs each lever and the tool's default; or, with
         --end-to-end, the default prune's wall time."""
@@ -277,6 +284,7 @@ def register(app: typer.Typer) -> None:
             memory_budget_mb=memory_budget_mb,
             seed=seed,
             device=resolve_device(device),
+            bracket=bracket,
             echo=echo,
         )
         text = write_json(out, result)
