@@ -696,12 +696,12 @@ def speed_bench(
     for lever in others:
         runs[lever] = [before[lever], timed(lever)] if bracket else [timed(lever)]
     space = prepared.space
-    reference = runs["naive"][0]["categorization"]
+    reference = runs["naive"][0]["round"]["categorization"]
     reference_cuts = _speed_cuts(space, reference)
     results: dict[str, dict] = {}
     for lever in levers:
         timings = runs[lever]
-        categorization = timings[0]["categorization"]
+        categorization = timings[0]["round"]["categorization"]
         cuts = _speed_cuts(space, categorization)
         entry = {
             **_timing_entry(timings, len(space)),
@@ -715,7 +715,7 @@ def speed_bench(
             "categories": categorization.counts(),
             # every run of the lever decided the same (the scoring is seeded)
             "repeatable": all(
-                np.array_equal(t["categorization"].kl, categorization.kl, equal_nan=True)
+                np.array_equal(t["round"]["categorization"].kl, categorization.kl, equal_nan=True)
                 for t in timings
             ),
         }
@@ -738,7 +738,6 @@ def _timed_round(prepared, compensation, seed, batch_size, memory_budget_mb, lev
         "peak": memory.peak,
         "growth": memory.peak - memory.start,
         "round": round_,
-        "categorization": round_["categorization"],
     }
 
 
