@@ -46,7 +46,7 @@ test: setup lint
 # photos shipped in scikit-image's wheel; about 30 minutes on 2 CPU cores.
 bench-real: setup
 	$(BIN)/pip install -q -r requirements-real.txt
-	$(BIN)/python benchmarks/real_model.py --target-macs 0.2 --tolerance 0.08 --out benchmarks/real_efficientnet_lite2.json
+	$(BIN)/python benchmarks/real_model.py --target-macs 0.2 --tolerance 0.08 --out benchmarks/real_efficientnet_lite2.json --overwrite
 
 clean-venv:
 	rm -rf $(VENV)

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from outfile import add_overwrite, refuse_existing, write_whole
 
 from cswap.banded import _sensitivity, with_joint
 from cswap.bench import SPEED_LEVERS, _jaccard, _lever_round, _speed_session
@@ -41,7 +42,9 @@ def main() -> None:
     parser.add_argument("--sd", default="0.05,0.1", help="noise sd on log KL, comma-separated")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, required=True)
+    add_overwrite(parser)
     args = parser.parse_args()
+    refuse_existing(parser, args.out, args.overwrite)
     if args.out.exists():
         raise SystemExit(f"{args.out} exists: pick another --out (a finished run is kept).")
     started = time.perf_counter()
@@ -92,7 +95,7 @@ def main() -> None:
         "exact_scoring_seconds": round(scored, 1),
         "rows": rows,
     }
-    args.out.write_text(json.dumps(summary, indent=2) + "\n")
+    write_whole(args.out, json.dumps(summary, indent=2) + "\n")
 
 
 if __name__ == "__main__":

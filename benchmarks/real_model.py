@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from outfile import add_overwrite, refuse_existing, write_whole
 from PIL import Image
 from torch.utils.data import TensorDataset
 
@@ -102,9 +103,11 @@ def main() -> None:
     parser.add_argument("--held-out", type=int, default=320)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/real_efficientnet_lite2.json"))
+    add_overwrite(parser)
     parser.add_argument("--report-dir", type=Path, default=None, help="also save the run here")
     parser.add_argument("--option", action="append", default=[], help="NAME=VALUE for Options")
     args = parser.parse_args()
+    refuse_existing(parser, args.out, args.overwrite)
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
@@ -161,8 +164,7 @@ def main() -> None:
         "scoring_rounds": report["scoring_rounds"],
         "timings": (report.get("timings") or {}).get("totals"),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(summary, indent=2) + "\n")
+    write_whole(args.out, json.dumps(summary, indent=2) + "\n")
     if args.report_dir is not None:
         result.save(args.report_dir)
     print(json.dumps({k: v for k, v in summary.items() if k not in ("scoring_rounds",)}, indent=2))

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import real_model as rm
 import torch
+from outfile import add_overwrite, refuse_existing, write_whole
 from torch.utils.data import TensorDataset
 
 from cswap.api import _prepare
@@ -52,7 +53,9 @@ def main() -> None:
         help="targets (comma-separated) whose cuts are also measured with the error correction "
         "that cswap prune applies at the end (cswap.reconstruct): agreement_corrected",
     )
+    add_overwrite(parser)
     args = parser.parse_args()
+    refuse_existing(parser, args.out, args.overwrite)
     correct_at = {float(t) for t in args.correct_at.split(",") if t}
     torch.set_num_threads(2)
     base = rm.model()
@@ -124,7 +127,7 @@ def main() -> None:
         "round": ranker.round_notes[0],
         "rows": rows,
     }
-    args.out.write_text(json.dumps(summary, indent=2) + "\n")
+    write_whole(args.out, json.dumps(summary, indent=2) + "\n")
 
 
 def _order(scores: np.ndarray) -> Ranking:

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from outfile import add_overwrite, refuse_existing, write_whole
 
 from cswap.bench import _speed_session
 from cswap.estimate import BandConfig, sample_spread, split_samples
@@ -109,7 +110,9 @@ def main() -> None:
     parser.add_argument("--fraction", type=float, default=0.25)
     parser.add_argument("--draws", type=int, default=200)
     parser.add_argument("--out", type=Path)
+    add_overwrite(parser)
     args = parser.parse_args()
+    refuse_existing(parser, args.out, args.overwrite)
     prepared, lstsq = _speed_session(args.model, args.calib_per_class, "lstsq", 256, 0, "cpu")
     started = time.perf_counter()
     effects = causal_effects(
@@ -144,7 +147,7 @@ def main() -> None:
     }
     print(json.dumps(result, indent=1))
     if args.out:
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
+        write_whole(args.out, json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -68,3 +68,37 @@ def test_prune_with_an_unknown_data_spec(tmp_path):
     assert result.exit_code == 2
     assert "Unknown data spec" in result.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_bench_commands_refuse_an_existing_out_file_before_any_work(tmp_path, monkeypatch):
+    import cswap.bench
+
+    def must_not_run(*_args, **_kwargs):
+        raise AssertionError("the benchmark ran although --out was refused")
+
+    monkeypatch.setattr(cswap.bench, "speed_bench", must_not_run)
+    monkeypatch.setattr(cswap.bench, "scale_bench", must_not_run)
+    monkeypatch.setattr(cswap.bench, "latency_stability", must_not_run)
+    finished = tmp_path / "speed.json"
+    finished.write_text('{"speedup": 11.0}\n')
+    for command in (["bench-speed"], ["bench-scale"], ["bench-latency", str(tmp_path)]):
+        result = runner.invoke(app, [*command, "--out", str(finished)])
+        assert result.exit_code == 2, result.output
+        assert "already holds a result" in result.stderr
+        assert "--overwrite" in result.stderr
+    assert finished.read_text() == '{"speedup": 11.0}\n'
+    result = runner.invoke(app, ["bench-speed", "--out", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "is a directory" in result.stderr
+
+
+def test_bench_speed_overwrite_replaces_the_file_whole(tmp_path, monkeypatch):
+    import cswap.bench
+
+    monkeypatch.setattr(cswap.bench, "speed_bench", lambda *_a, **_k: {"speedup": 12.5})
+    finished = tmp_path / "speed.json"
+    finished.write_text('{"speedup": 11.0}\n')
+    result = runner.invoke(app, ["bench-speed", "--out", str(finished), "--overwrite", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(finished.read_text()) == {"speedup": 12.5}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["speed.json"]

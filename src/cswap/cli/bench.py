@@ -11,14 +11,34 @@ import typer
 from cswap.cli.common import BatchSizeOption, DeviceOption, fail_cleanly
 
 
+OverwriteOption = Annotated[bool, typer.Option(help="Replace the file already at --out.")]
+
+
+def check_json_out(out: Path | None, overwrite: bool) -> None:
+    """Refuse, before any work, an --out that would replace a finished result or cannot be one."""
+    from cswap.errors import CswapError
+
+    if out is None:
+        return
+    if out.is_dir():
+        raise CswapError(f"--out {out} is a directory: give the path of a JSON file to write.")
+    if out.exists() and not overwrite:
+        raise CswapError(
+            f"--out {out} already holds a result: pass another path, or --overwrite to replace it."
+        )
+
+
 def write_json(out: Path | None, result: dict) -> str:
-    """The result as JSON text, also written to ``out`` when given."""
+    """The result as JSON text, also written to ``out`` when given (whole or not at all: a
+    temporary file beside it is renamed into place)."""
     import json
 
     text = json.dumps(result, indent=1)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text + "\n")
+        partial = out.with_name(f".{out.name}.partial")
+        partial.write_text(text + "\n")
+        partial.replace(out)
     return text
 
 
@@ -166,10 +186,12 @@ def register(app: typer.Typer) -> None:
         repeats: Annotated[int, typer.Option(min=1, help="Measurements of the ratio.")] = 5,
         threads: Annotated[int, typer.Option(min=1, help="Torch threads.")] = 1,
         out: Annotated[Path | None, typer.Option(help="Also write the JSON here.")] = None,
+        overwrite: OverwriteOption = False,
     ) -> None:
         """The report's paired latency measured REPEATS times: how stable the ratio is."""
         from cswap.bench import latency_stability
 
+        check_json_out(out, overwrite)
         result = latency_stability(run, repeats=repeats, threads=threads, echo=typer.echo)
         write_json(out, result)
 
@@ -181,10 +203,12 @@ def register(app: typer.Typer) -> None:
         calib_per_class: Annotated[int, typer.Option(help="Calibration images per class.")] = 10,
         compensate: Annotated[str, typer.Option(help="none, mean or lstsq.")] = "lstsq",
         out: Annotated[Path | None, typer.Option(help="Also write the JSON here.")] = None,
+        overwrite: OverwriteOption = False,
     ) -> None:
         """Scoring on Ray workers against one process: time, speedup, identical effects."""
         from cswap.bench import parse_list, scale_bench
 
+        check_json_out(out, overwrite)
         counts = [int(c) for c in parse_list(workers)]
         result = scale_bench(
             model, workers=counts, calib_per_class=calib_per_class, compensate=compensate,
@@ -245,6 +269,7 @@ def register(app: typer.Typer) -> None:
             Path, typer.Option(help="--end-to-end: where the runs go (replaced).")
         ] = Path("runs/end_to_end"),
         out: Annotated[Path | None, typer.Option(help="Also write the JSON here.")] = None,
+        overwrite: OverwriteOption = False,
         seed: Annotated[int, typer.Option(help="Seed.")] = 0,
         device: DeviceOption = None,
         batch_size: BatchSizeOption = 256,
@@ -262,6 +287,7 @@ def register(app: typer.Typer) -> None:
         from cswap.bench import END_TO_END, end_to_end_bench, parse_list, speed_bench
         from cswap.devices import resolve_device
 
+        check_json_out(out, overwrite)
         echo = (lambda _line: None) if as_json else typer.echo
         if project:
             from cswap.bench import project_scoring
