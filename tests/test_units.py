@@ -252,13 +252,17 @@ def test_equivalence_is_judged_on_the_output_scale():
         check_equivalence(model, pruned, space, [0, 2], x)
 
 
-def test_a_channels_last_swin_groups_its_mlp_neurons_and_skips_its_residual_stream():
+def test_a_channels_last_swin_keeps_the_residual_streams_it_cannot_remove_out_by_verification():
     """torchvision's Swin keeps channels last and partitions windows with views and slices that
     Torch-Pruning maps as if dimension 1 were the channels (its grouping of the residual stream
-    ran out of memory on Swin-T). Those operations are cut out of the graph; the residual
-    stream, normalised across channels, is excluded before grouping; the MLPs' hidden neurons
-    are the units, and removing them equals masking them."""
+    ran out of memory on Swin-T). Those operations are cut out of the graph, so its residual
+    streams group without exhausting memory; but the attention reads them through F.linear on
+    the qkv weight, which the graph does not see as a consumer, so removing a residual channel
+    fails: verification on a copy excludes those groups with the reason, and the MLPs' hidden
+    neurons are the units, removing them equal to masking them."""
     from torchvision.models.swin_transformer import SwinTransformer
+
+    from cswap.session import Options, _verified_units
 
     torch.manual_seed(0)
     model = SwinTransformer(
@@ -270,17 +274,42 @@ def test_a_channels_last_swin_groups_its_mlp_neurons_and_skips_its_residual_stre
         num_classes=10,
     ).eval()
     x = torch.randn(2, 3, 32, 32)
-    space = discover_units(model, x[:1])
+    space = _verified_units(model, x[:1], Options())
     assert [(g.root, g.size) for g in space.groups] == [
         ("features.1.0.mlp.0", 64),
         ("features.3.0.mlp.0", 128),
         ("features.5.0.mlp.0", 256),
     ]
-    assert space.excluded and all(
-        "normalises across channels" in group.reason for group in space.excluded
-    )
-    assert verify_groups(model, space, x[:1]) == {}
+    streams = {g.root: g.reason for g in space.excluded if g.root.endswith("mlp.3")}
+    assert sorted(streams) == ["features.1.0.mlp.3", "features.3.0.mlp.3", "features.5.0.mlp.3"]
+    assert all(reason.startswith("removing a unit fails") for reason in streams.values())
     units = [unit for group in space.groups for unit in group.unit_ids[1::2]]
     pruned = prune_copy(model, space, units, x[:1])
     assert check_equivalence(model, pruned, space, units, x) < 1e-5
     assert pruned.features[5][0].mlp[0].out_features == 128
+
+
+def test_verification_excludes_a_group_behind_a_channel_mixing_op_cswap_does_not_know():
+    """A custom normalization across channels is invisible to the dependency graph: masking a
+    channel there is not removing it. Verification removes half of every group from a copy,
+    so the error (which grows with what is removed) shows and the group is excluded."""
+
+    class ChannelMeanNorm(torch.nn.Module):
+        def forward(self, x):
+            return x / (x.abs().mean(dim=1, keepdim=True) + 1e-3)
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 32, 3),
+        torch.nn.ReLU(),
+        ChannelMeanNorm(),
+        torch.nn.Conv2d(32, 8, 3),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8 * 6 * 6, 4),
+    ).eval()
+    x = torch.randn(1, 3, 10, 10)
+    space = discover_units(model, x)
+    assert [g.root for g in space.groups] == ["0", "3"]
+    failed = verify_groups(model, space, x)
+    assert list(failed) == ["0"]
+    assert failed["0"].startswith("removing a unit is not what masking it computes")

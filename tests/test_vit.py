@@ -75,7 +75,7 @@ def test_timm_masked_equals_pruned(name, kind):
         assert pruned(torch.randn(batch, *shape)).shape == (batch, 10)
 
 
-def test_vit_units_are_heads_and_neurons_not_the_embedding():
+def test_vit_units_are_heads_neurons_and_the_embedding_width():
     model = build(ZOO["vit"])
     space = discover_units(model, torch.zeros(1, 1, 28, 28))
     kinds = {group.kind for group in space.groups}
@@ -83,8 +83,15 @@ def test_vit_units_are_heads_and_neurons_not_the_embedding():
     heads = [group for group in space.groups if group.kind == "head"]
     assert len(heads) == 6 and all(group.size == 4 for group in heads)
     neurons = [group for group in space.groups if group.kind == "neuron"]
-    assert all(group.size == 128 for group in neurons)
-    assert any("normalises" in group.reason for group in space.excluded)  # the embedding dim
+    assert sorted(group.size for group in neurons) == [64] + [128] * 6
+    # the residual stream: one group through every block, its LayerNorms recomputed
+    (stream,) = [group for group in neurons if group.size == 64]
+    width = space.units[stream.unit_ids[0]]
+    assert len(width.norms) == 2 * 6 + 1 and len(width.targets) == 2 * 6 + 1
+    # cls token, position embedding (50 tokens), patch kernel + bias; per block: two norms'
+    # weight and bias, a qkv column, a proj row + bias, an fc1 column, an fc2 row + bias; the
+    # final norm and a head column
+    assert width.params == 1 + 50 + (16 + 1) + 6 * (2 * 2 + 192 + 65 + 128 + 129) + 2 + 10
     head = space.units[heads[0].unit_ids[0]]
     assert head.layers == ("blocks.0.attn.qkv", "blocks.0.attn.proj")
     # a head saves its qkv rows (with bias), proj columns and its share of attention MACs
@@ -151,6 +158,7 @@ def test_hugging_face_masked_equals_pruned(implementation):
 
 def test_torchvision_vit_b_16_masked_equals_pruned():
     from cswap.adapters import canonicalize
+    from cswap.session import Options, _verified_units
 
     original = load_model("torchvision:vit_b_16?num_classes=10&image_size=32").model.eval()
     x = torch.randn(7, 3, 32, 32)
@@ -159,9 +167,13 @@ def test_torchvision_vit_b_16_masked_equals_pruned():
     canonicalize(model)
     # the replacement of nn.MultiheadAttention computes the same thing
     assert torch.allclose(model(x), reference, rtol=1e-4, atol=1e-5)
-    space = discover_units(model, x[:1])
+    space = _verified_units(model, x[:1], Options())
     heads = [group for group in space.groups if group.kind == "head"]
     assert len(heads) == 12 and all(group.size == 12 for group in heads)
+    # its residual stream groups, but torchvision reshapes the patches with the model's own
+    # hidden_dim attribute, so a narrower stream fails: verification excludes it, with why
+    (stream,) = [group for group in space.excluded if group.root.endswith("11.mlp.3")]
+    assert stream.reason.startswith("removing a unit fails")
     rng = random.Random(5)
     units = []
     for group in space.groups:

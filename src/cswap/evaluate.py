@@ -176,7 +176,7 @@ class ValidationPrefix:
     Entries larger than ``budget_mb`` are not kept."""
 
     def __init__(self, model, space, batches, *, budget_mb: float = 1024.0) -> None:
-        layers = {target.layer for unit in space.units for target in unit.targets}
+        layers = {layer for unit in space.units for layer in unit.touched}
         self.runner = try_suffix_runner(model, layers, batches[0][0][:1]) if batches else None
         self.budget = budget_mb * 2**20
         self.first = {unit.id: self._first(unit) for unit in space.units}
@@ -186,11 +186,11 @@ class ValidationPrefix:
 
     def _first(self, unit) -> int:
         """Position of the unit's first consumer in the runner's order (-1: not a cut)."""
-        if self.runner is None or not unit.targets:
+        if self.runner is None or not unit.touched:
             return -1
-        if not all(self.runner.supports(t.layer) for t in unit.targets):
+        if not all(self.runner.supports(layer) for layer in unit.touched):
             return -1
-        return min(self.runner.cut_index[t.layer] for t in unit.targets)
+        return min(self.runner.cut_index[layer] for layer in unit.touched)
 
     def _before(self, units, layer: str) -> frozenset[int]:
         cut = self.runner.cut_index[layer]

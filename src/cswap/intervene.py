@@ -19,16 +19,43 @@ import torch
 from torch import nn
 
 from cswap.compensation import Compensation, consumer_indices
+from cswap.norms import norm_channels, renormalized
 from cswap.units import UnitSpace
 
 
 def consumer_masks(space: UnitSpace, removed: Iterable[int]) -> dict[tuple[str, int], list[int]]:
     """(consumer layer, dim) -> input indices to zero, for a set of removed units."""
-    masks: dict[tuple[str, int], list[int]] = defaultdict(list)
+    return _indices(space, removed, "targets")
+
+
+def norm_masks(space: UnitSpace, removed: Iterable[int]) -> dict[tuple[str, int], list[int]]:
+    """(normalization layer, channel dim) -> channels it normalizes without, for removed units."""
+    return _indices(space, removed, "norms")
+
+
+def _indices(space: UnitSpace, removed: Iterable[int], part: str) -> dict[tuple[str, int], list]:
+    by_layer: dict[tuple[str, int], list[int]] = defaultdict(list)
     for unit_id in set(removed):
-        for target in space.units[unit_id].targets:
-            masks[(target.layer, target.dim)].extend(target.indices)
-    return masks
+        for target in getattr(space.units[unit_id], part):
+            by_layer[(target.layer, target.dim)].extend(target.indices)
+    return by_layer
+
+
+def _renorm_hook(dim: int, keep: torch.Tensor):
+    """The normalization recomputed over kept channels; ``keep``: (copies, channels)."""
+
+    def hook(module: nn.Module, inputs: tuple, _output: torch.Tensor) -> torch.Tensor:
+        return renormalized(module, inputs[0], keep, dim)
+
+    return hook
+
+
+def _keep_rows(channels: int, rows: list[list[int]]) -> torch.Tensor:
+    keep = torch.ones(len(rows), channels)
+    for row, indices in enumerate(rows):
+        if indices:
+            keep[row, indices] = 0.0
+    return keep
 
 
 def _mask_hook(dim: int, indices: torch.Tensor):
@@ -118,11 +145,15 @@ def removed(
                 values = compensation.means[layer].index_select(0, index)
                 hook = _mean_hook(dim, index, values)
                 handles.append(modules[layer].register_forward_pre_hook(hook))
+            renorms = _layer_plans(modules, {}, {}, None, norm_masks(space, units))
+            for layer, plan in renorms.items():
+                handles += _install(modules[layer], plan)
             yield model
             return
         plans = _layer_plans(
-            modules, consumer_masks(space, units), consumer_indices(space, units), compensation
-        )
+            modules, consumer_masks(space, units), consumer_indices(space, units), compensation,
+            norm_masks(space, units),
+        )  # fmt: skip
         for layer, plan in plans.items():
             handles += _install(modules[layer], plan)
         yield model
@@ -131,14 +162,18 @@ def removed(
             handle.remove()
 
 
-def _layer_plans(modules, masks, inputs, compensation) -> dict[str, list[tuple]]:
+def _layer_plans(modules, masks, inputs, compensation, norms=None) -> dict[str, list[tuple]]:
     """Per consumer layer, the hooks that compute a removal there, as values ready to install
     (``_install``): the masks of the removed inputs (``masks``: (layer, dim) -> indices, as
     ``consumer_masks``) and, with ``compensation``, the refitted weights or the folded shift
-    (``inputs``: layer -> (dim, indices), as ``consumer_indices``)."""
+    (``inputs``: layer -> (dim, indices), as ``consumer_indices``); per normalization over
+    channels (``norms``, as ``norm_masks``), its recomputation over the kept channels."""
     plans: dict[str, list[tuple]] = defaultdict(list)
     for (layer, dim), indices in masks.items():
         plans[layer].append(("mask", dim, torch.tensor(sorted(set(indices)), dtype=torch.long)))
+    for (layer, dim), indices in (norms or {}).items():
+        keep = _keep_rows(norm_channels(modules[layer]), [sorted(set(indices))])
+        plans[layer].append(("renorm", dim, keep))
     if compensation is None:
         return plans
     for layer, (dim, indices) in inputs.items():
@@ -157,6 +192,8 @@ def _install(module: nn.Module, plan: list[tuple]) -> list:
     for kind, *values in plan:
         if kind == "mask":
             handles.append(module.register_forward_pre_hook(_mask_hook(*values)))
+        elif kind == "renorm":
+            handles.append(module.register_forward_hook(_renorm_hook(*values)))
         elif kind == "refit":
             weight, bias, out_dim = values
             handles.append(_WeightSwap(module, weight, bias, out_dim))
@@ -177,7 +214,8 @@ class BaseRemoval:
         self.space, self.compensation = space, compensation
         self.units = base = sorted(set(base))
         self.masks, self.inputs = consumer_masks(space, base), consumer_indices(space, base)
-        self.plans = _layer_plans(self.modules, self.masks, self.inputs, compensation)
+        self.norms = norm_masks(space, base)
+        self.plans = _layer_plans(self.modules, self.masks, self.inputs, compensation, self.norms)
         self.handles: dict[str, list] = {}
 
     def __enter__(self) -> BaseRemoval:
@@ -206,20 +244,17 @@ class BaseRemoval:
 
     def _plans_with(self, unit: int) -> dict[str, list[tuple]]:
         """The plans of the unit's consumer layers for the base and the unit removed."""
-        own_masks = consumer_masks(self.space, [unit])
-        layers = {layer for layer, _ in own_masks}
-        masks = {key: list(v) for key, v in self.masks.items() if key[0] in layers}
-        for key, indices in own_masks.items():
-            masks[key] = masks.get(key, []) + indices
+        masks = _merged(self.masks, consumer_masks(self.space, [unit]))
+        norms = _merged(self.norms, norm_masks(self.space, [unit]))
         inputs = {}
         for layer, (dim, indices) in consumer_indices(self.space, [unit]).items():
             base_dim, base_indices = self.inputs.get(layer, (dim, []))
             inputs[layer] = (base_dim, [*base_indices, *indices])
-        return _layer_plans(self.modules, masks, inputs, self.compensation)
+        return _layer_plans(self.modules, masks, inputs, self.compensation, norms)
 
     @contextmanager
     def plus(self, unit: int) -> Iterator[None]:
-        layers = sorted({target.layer for target in self.space.units[unit].targets})
+        layers = sorted(set(self.space.units[unit].touched))
         swapped: dict[str, list] = {}
         try:
             for layer in layers:  # first: a refit reads the consumer's own weights
@@ -235,6 +270,15 @@ class BaseRemoval:
                 for handle in reversed(handles):
                     handle.remove()
                 self.handles[layer] = _install(self.modules[layer], self.plans.get(layer, []))
+
+
+def _merged(base: dict, own: dict) -> dict:
+    """The base's (layer, dim) -> indices on the layers of ``own``, with ``own``'s added."""
+    layers = {layer for layer, _ in own}
+    merged = {key: list(v) for key, v in base.items() if key[0] in layers}
+    for key, indices in own.items():
+        merged[key] = merged.get(key, []) + indices
+    return merged
 
 
 def _blocked_mask_hook(dim: int, keep: torch.Tensor):
@@ -283,11 +327,7 @@ def _blocked_refit_hook(weights: torch.Tensor, biases: torch.Tensor):
 
 def _copy_hooks(module, layer, dim, rows, compensation):
     """Hooks for one consumer of ``removed_each``: ``rows[j]`` the input indices copy j loses."""
-    keep = torch.ones(len(rows), module.weight.shape[1])
-    for row, indices in enumerate(rows):
-        if indices:
-            keep[row, indices] = 0.0
-    hooks = [("pre", _blocked_mask_hook(dim, keep))]
+    hooks = [("pre", _blocked_mask_hook(dim, _keep_rows(module.weight.shape[1], rows)))]
     if compensation is None:
         return hooks
     if compensation.refits(layer):
@@ -334,10 +374,24 @@ def removed_each(
                     handles.append(module.register_forward_pre_hook(hook))
                 else:
                     handles.append(module.register_forward_hook(hook))
+        handles += _copy_norm_hooks(modules, space, base, units)
         yield model
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _copy_norm_hooks(modules, space: UnitSpace, base: Iterable[int], units: list[int]) -> list:
+    """``removed_each``'s normalizations: copy j recomputed without base's and units[j]'s
+    channels."""
+    common = norm_masks(space, base)
+    own = [norm_masks(space, [unit]) for unit in units]
+    handles = []
+    for layer, dim in sorted(set(common).union(*own)):
+        rows = [sorted({*common.get((layer, dim), []), *o.get((layer, dim), [])}) for o in own]
+        keep = _keep_rows(norm_channels(modules[layer]), rows)
+        handles.append(modules[layer].register_forward_hook(_renorm_hook(dim, keep)))
+    return handles
 
 
 def hook_count(model: nn.Module) -> int:

@@ -96,7 +96,7 @@ def _cut_layer(space: UnitSpace, unit_id: int, runner: SuffixRunner | None) -> s
     """The unit's earliest consumer in the traced graph: everything before it is unchanged."""
     if runner is None:
         return None
-    layers = [target.layer for target in space.units[unit_id].targets]
+    layers = list(space.units[unit_id].touched)
     if not layers or not all(runner.supports(layer) for layer in layers):
         return None
     return min(layers, key=lambda layer: runner.cut_index[layer])
@@ -259,8 +259,8 @@ def causal_effects(
     model.eval()
     runner = None
     if prefix_reuse and units:
-        consumers = {t.layer for unit in units for t in space.units[unit].targets}
-        runner = try_suffix_runner(model, consumers, images[:1].to(device))
+        touched = {layer for unit in units for layer in space.units[unit].touched}
+        runner = try_suffix_runner(model, touched, images[:1].to(device))
     cuts = [_cut_layer(space, unit, runner) for unit in units]
     by_cut: dict[str | None, list[int]] = {}
     for row, cut in enumerate(cuts):

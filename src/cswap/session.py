@@ -900,9 +900,9 @@ def prefix_reuse_path(session: Session, options: Options) -> str:
     """The prefix reuse causal scoring takes on this session's model (for the report)."""
     if not options.prefix_reuse:
         return "off"
-    consumers = {target.layer for unit in session.space.units for target in unit.targets}
+    touched = {layer for unit in session.space.units for layer in unit.touched}
     device = next(session.model.parameters()).device
-    return prefix_path(session.model, consumers, session.example_input[:1].to(device))
+    return prefix_path(session.model, touched, session.example_input[:1].to(device))
 
 
 def _verified_units(model: nn.Module, example: torch.Tensor, options: Options) -> UnitSpace:

@@ -8,8 +8,10 @@ layer the user ignores.
 
 A unit is removed *exactly* by masking its indices at the input of every consumer in its group
 (convolutions and Linears that read it): the physically pruned model computes the same thing
-(``cswap.intervene``). Groups where that is not exact (a normalisation that mixes channels, such as
-LayerNorm or GroupNorm, or a consumer cswap cannot mask) are excluded and listed with the reason.
+(``cswap.intervene``). A normalization over the channels inside a group (a LayerNorm over channels,
+a one-group GroupNorm) is recomputed over the kept channels (``cswap.norms``): the unit lists it in
+``norms``. Groups where removal cannot be computed exactly (a GroupNorm of several groups, a
+consumer cswap cannot mask) are excluded and listed with the reason.
 
 The unit space also does the accounting: parameters and MACs of the model after removing any set
 of units, computed from per-layer kept fractions (exact for convolutions, Linears and per-channel
@@ -40,8 +42,8 @@ from torch_pruning.dependency import shape_infer as tp_shape_infer
 from cswap.adapters import HeadSite, find_head_sites
 from cswap.errors import CswapError, first_line, running_model
 from cswap.inputs import resident_bytes
+from cswap.norms import channel_dim, mixes_channels, recomputable
 
-_MIXING_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
 _WEIGHT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Linear)  # group roots and channel consumers
 OVER_BUDGET = "Torch-Pruning's grouping of its channels ran over its budget"
 _PER_CHANNEL_NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
@@ -68,6 +70,13 @@ class Unit:
     targets: tuple[MaskTarget, ...]
     # every (layer, "out" | "in", indices) slice the unit owns: producers, norms and consumers
     slices: tuple[tuple[str, str, tuple[int, ...]], ...] = ()
+    # normalizations over channels recomputed without the unit (dim: their channel dimension)
+    norms: tuple[MaskTarget, ...] = ()
+
+    @property
+    def touched(self) -> tuple[str, ...]:
+        """Every layer an intervention on the unit changes: consumers and recomputed norms."""
+        return tuple(t.layer for t in (*self.targets, *self.norms))
 
     def to_dict(self) -> dict:
         return {
@@ -431,17 +440,17 @@ def _mapped_off_the_channels(graph: tp.DependencyGraph, node) -> bool:
 
 
 def _next_mixing_norm(graph: tp.DependencyGraph, module: nn.Module) -> nn.Module | None:
-    """A normalization over channels (LayerNorm, GroupNorm) that ``module``'s output reaches
-    before any other conv or linear layer reads it (a residual stream, through adds, concats,
-    reshapes): every group through it is excluded, and on channels-last transformers (Swin)
-    Torch-Pruning's grouping of such a stream can exhaust the memory, so it is not tried."""
+    """A normalization over channels that cswap cannot recompute over kept channels (a GroupNorm
+    of several groups, a LocalResponseNorm) that ``module``'s output reaches before any other
+    conv or linear layer reads it (a residual stream, through adds, concats, reshapes): every
+    group through it is excluded, so its grouping is not tried."""
     stack, seen = list(graph.module2node[module].outputs), set()
     while stack:
         node = stack.pop()
         if id(node) in seen:
             continue
         seen.add(id(node))
-        if isinstance(node.module, _MIXING_NORMS):
+        if mixes_channels(node.module) and channel_dim(node.module) is None:
             return node.module
         if not isinstance(node.module, _WEIGHT_LAYERS):
             stack.extend(node.outputs)
@@ -532,7 +541,7 @@ def _all_groups(graph, ignored_modules, names, budget, skip):
             continue
         norm = _next_mixing_norm(graph, module)
         if norm is not None:  # its group would be excluded for the norm: skip the grouping
-            failed[module] = _mixing_norm_reason(names[norm])
+            failed[module] = _mixing_norm_reason(names[norm], norm)
             continue
         if names[module] in skip:
             failed[module] = skip[names[module]]
@@ -617,8 +626,7 @@ def _build_space(
     order = {module: position for position, module in enumerate(names)}
     raw_groups = sorted(raw_groups, key=lambda raw: order.get(raw[0].dep.target.module, 0))
     for raw in raw_groups:
-        root_module = raw[0].dep.target.module
-        root = names.get(root_module, "?")
+        root = names.get(raw[0].dep.target.module, "?")
         size = len(raw[0].idxs)
         reason = excluded_roots.get(root) or _exclusion_reason(graph, raw, names)
         if reason is None and _touches(graph, raw, names, owned):
@@ -628,56 +636,7 @@ def _build_space(
         if reason is not None:
             excluded.append(ExcludedGroup(root, size, reason))
             continue
-        group_id = len(groups)
-        kind = "neuron" if isinstance(root_module, nn.Linear) else "channel"
-        layers: list[str] = []
-        consumers = []
-        per_unit_dims: list[tuple[tuple[str, str], list[int]]] = []
-        item_slices: list[tuple[tuple[str, str], list[int], list[int]]] = []
-        for item in raw:
-            module = item.dep.target.module
-            if not isinstance(module, nn.Module) or module not in names:
-                continue  # Torch-Pruning's own op nodes (add, concat, flatten, ...)
-            name = names[module]
-            if name not in layers:
-                layers.append(name)
-            is_out = graph.is_out_channel_pruning_fn(item.dep.handler)
-            if is_out or _is_depthwise(module):
-                total = graph.get_out_channels(module)
-                key = (name, "out")
-            else:
-                total = graph.get_in_channels(module)
-                key = (name, "in")
-                consumers.append(item)
-            if key in dict(per_unit_dims):  # e.g. a depthwise conv reached twice
-                continue
-            dim_sizes[key] = total
-            per_unit_dims.append((key, list(item.root_idxs)))
-            item_slices.append((key, list(item.idxs), list(item.root_idxs)))
-        first_id = len(units)
-        consumer_indices = [_by_root(item.idxs, item.root_idxs) for item in consumers]
-        slice_indices = [_by_root(idxs, roots) for _, idxs, roots in item_slices]
-        for index in range(size):
-            unit_id = first_id + index
-            targets = []
-            for item, by_root in zip(consumers, consumer_indices, strict=True):
-                module = item.dep.target.module
-                dim = 1 if isinstance(module, nn.Conv2d | nn.Conv1d) else -1
-                targets.append(MaskTarget(names[module], dim, by_root.get(index, ())))
-            slices = tuple(
-                (layer, side, by_root.get(index, ()))
-                for ((layer, side), _, _), by_root in zip(item_slices, slice_indices, strict=True)
-            )
-            units.append(
-                Unit(unit_id, group_id, index, kind, tuple(layers), 0, 0, tuple(targets), slices)
-            )
-        for key, roots in per_unit_dims:
-            counts = np.bincount(np.asarray(roots, dtype=np.int64), minlength=size)
-            for index in range(size):
-                if counts[index]:
-                    unit_dims[first_id + index].append((key, int(counts[index])))
-        unit_ids = tuple(range(first_id, first_id + size))
-        groups.append(UnitGroup(group_id, root, kind, size, tuple(layers), unit_ids))
+        _add_group(graph, raw, names, root, units, groups, dim_sizes, unit_dims)
 
     for site in sites:
         if site.attention in excluded_roots:
@@ -700,6 +659,94 @@ def _build_space(
         mac_terms=tuple(mac_terms),
     )
     return _with_unit_costs(space)
+
+
+def _add_group(graph, raw, names, root, units, groups, dim_sizes, unit_dims) -> None:
+    """One group of Torch-Pruning's, its units appended to ``units`` (ids continue from there)
+    and their dimensions recorded for the accounting."""
+    root_module = raw[0].dep.target.module
+    size = len(raw[0].idxs)
+    group_id, first_id = len(groups), len(units)
+    parts = _GroupParts(graph, names)
+    for item in raw:
+        parts.add(item)
+    for key, total in parts.dim_sizes.items():
+        dim_sizes[key] = total
+    kind = "neuron" if isinstance(root_module, nn.Linear) else "channel"
+    for index in range(size):
+        units.append(parts.unit(first_id + index, group_id, index, kind))
+    for key, roots in parts.per_unit_dims:
+        counts = np.bincount(np.asarray(roots, dtype=np.int64), minlength=size)
+        for index in range(size):
+            if counts[index]:
+                unit_dims[first_id + index].append((key, int(counts[index])))
+    unit_ids = tuple(range(first_id, first_id + size))
+    groups.append(UnitGroup(group_id, root, kind, size, tuple(parts.layers), unit_ids))
+
+
+class _GroupParts:
+    """What a group's items say a unit owns: consumer inputs to mask, normalizations to
+    recompute, the parameter slices (producers, norms, consumers, bare parameters)."""
+
+    def __init__(self, graph, names) -> None:
+        self.graph, self.names = graph, names
+        self.params = {id(p): name for name, p in graph.model.named_parameters()}
+        self.bare_dims = {id(u.parameters): u.pruning_dim for u in graph.unwrapped_parameters}
+        self.layers: list[str] = []
+        self.consumers: list[tuple[str, int, dict]] = []  # (layer, dim, root -> indices)
+        self.norms: list[tuple[str, int, dict]] = []
+        self.slices: list[tuple[str, str, dict]] = []
+        self.dim_sizes: dict[tuple[str, str], int] = {}
+        self.per_unit_dims: list[tuple[tuple[str, str], list[int]]] = []
+
+    def add(self, item) -> None:
+        module = item.dep.target.module
+        by_root = _by_root(item.idxs, item.root_idxs)
+        if isinstance(module, nn.Parameter) and id(module) in self.params:
+            key = (self.params[id(module)], "param")  # e.g. a layer scale: no module to name
+            self._dim(key, module.shape[self.bare_dims[id(module)]], item)
+            owner = _owner(self.graph.model, key[0])
+            if mixes_channels(owner):  # a GRN: the graph sees its parameters, not the module
+                self._norm(key[0].rpartition(".")[0], owner, by_root)
+            return
+        if not isinstance(module, nn.Module) or module not in self.names:
+            return  # Torch-Pruning's own op nodes (add, concat, flatten, ...)
+        name = self.names[module]
+        if name not in self.layers:
+            self.layers.append(name)
+        is_norm = mixes_channels(module)
+        if is_norm:
+            self._norm(name, module, by_root)
+        is_out = self.graph.is_out_channel_pruning_fn(item.dep.handler)
+        if is_out or _is_depthwise(module) or is_norm:
+            key, total = (name, "out"), self.graph.get_out_channels(module)
+        else:
+            key, total = (name, "in"), self.graph.get_in_channels(module)
+            dim = 1 if isinstance(module, nn.Conv2d | nn.Conv1d) else -1
+            self.consumers.append((name, dim, by_root))
+        if self._dim(key, total, item):
+            self.slices.append((name, key[1], by_root))
+
+    def _norm(self, name: str, module: nn.Module, by_root: dict) -> None:
+        if all(n != name for n, _, _ in self.norms):
+            self.norms.append((name, channel_dim(module), by_root))
+
+    def _dim(self, key, total: int, item) -> bool:
+        if key in self.dim_sizes:  # e.g. a depthwise conv reached twice
+            return False
+        self.dim_sizes[key] = total
+        self.per_unit_dims.append((key, list(item.root_idxs)))
+        return True
+
+    def unit(self, unit_id: int, group_id: int, index: int, kind: str) -> Unit:
+        def owned(parts):
+            return tuple(MaskTarget(n, dim, held.get(index, ())) for n, dim, held in parts)
+
+        slices = tuple((n, side, held.get(index, ())) for n, side, held in self.slices)
+        return Unit(
+            unit_id, group_id, index, kind, tuple(self.layers), 0, 0, owned(self.consumers),
+            slices, owned(self.norms),
+        )  # fmt: skip
 
 
 def _touches(graph, raw, names, owned) -> bool:
@@ -736,22 +783,37 @@ def _add_head_group(model, site: HeadSite, units, groups, dim_sizes, unit_dims) 
     )
 
 
-def _mixing_norm_reason(norm: str) -> str:
-    return f"{norm} normalises across channels; masking is not removal there"
+def _mixing_norm_reason(name: str, norm: nn.Module) -> str:
+    if isinstance(norm, nn.GroupNorm) and norm.num_groups > 1:
+        return (
+            f"{name} normalises groups of channels ({norm.num_groups} groups): removing single "
+            "channels would leave groups of unequal size, which GroupNorm cannot compute"
+        )
+    kind = type(norm).__name__
+    if recomputable(norm):
+        return f"{name} ({kind}) normalises across channels in a layout cswap cannot recompute"
+    return f"{name} ({kind}) normalises across channels; masking is not removal there"
+
+
+def _owner(model: nn.Module, parameter: str) -> nn.Module:
+    return model.get_submodule(parameter.rpartition(".")[0])
 
 
 def _exclusion_reason(graph, raw, names) -> str | None:
     has_consumer = False
+    params = {id(p): name for name, p in graph.model.named_parameters()}
     for item in raw:
         module = item.dep.target.module
-        if not isinstance(module, nn.Module):
-            return "couples a bare parameter (e.g. an embedding); masking is not removal there"
-        if module not in names:
+        if isinstance(module, nn.Parameter) and id(module) in params:
+            owner = _owner(graph.model, params[id(module)])
+            if mixes_channels(owner) and channel_dim(owner) is None:
+                return _mixing_norm_reason(params[id(module)].rpartition(".")[0], owner)
+        if not isinstance(module, nn.Module) or module not in names:
             continue  # Torch-Pruning's own op nodes (add, concat, flatten, ...)
         if _is_grouped(module):
             return f"{names[module]} is a grouped convolution; single channels cannot leave it"
-        if isinstance(module, _MIXING_NORMS):
-            return _mixing_norm_reason(names[module])
+        if mixes_channels(module) and channel_dim(module) is None:
+            return _mixing_norm_reason(names[module], module)
         is_out = graph.is_out_channel_pruning_fn(item.dep.handler)
         if is_out or _is_depthwise(module):
             continue
@@ -788,6 +850,10 @@ def _accounting_terms(model, names, dim_sizes, macs_per_module):
                 dims.append(in_key)
             if dims:
                 param_terms.append(_DimTerm(parameter.numel(), tuple(dims)))
+    parameters = dict(model.named_parameters())
+    for (name, side), _ in dim_sizes.items():
+        if side == "param":  # a bare parameter (layer scale): shrinks with its one dimension
+            param_terms.append(_DimTerm(parameters[name].numel(), ((name, side),)))
     for module in model.modules():
         name = names[module]
         keys = [(name, "out"), (name, "in"), (name, "heads")]

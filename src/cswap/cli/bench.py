@@ -10,7 +10,6 @@ import typer
 
 from cswap.cli.common import BatchSizeOption, DeviceOption, fail_cleanly
 
-
 OverwriteOption = Annotated[bool, typer.Option(help="Replace the file already at --out.")]
 
 
