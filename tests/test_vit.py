@@ -170,10 +170,11 @@ def test_torchvision_vit_b_16_masked_equals_pruned():
     space = _verified_units(model, x[:1], Options())
     heads = [group for group in space.groups if group.kind == "head"]
     assert len(heads) == 12 and all(group.size == 12 for group in heads)
-    # its residual stream groups, but torchvision reshapes the patches with the model's own
-    # hidden_dim attribute, so a narrower stream fails: verification excludes it, with why
-    (stream,) = [group for group in space.excluded if group.root.endswith("11.mlp.3")]
-    assert stream.reason.startswith("removing a unit fails")
+    # the residual stream is a group too: torchvision reshapes the patches with the model's
+    # own hidden_dim attribute, which the adapter keeps equal to the narrower width
+    (stream,) = [group for group in space.groups if group.root.endswith("11.mlp.3")]
+    assert stream.size == 768
+    assert not [group for group in space.excluded if group.reason.startswith("removing")]
     rng = random.Random(5)
     units = []
     for group in space.groups:
@@ -184,6 +185,8 @@ def test_torchvision_vit_b_16_masked_equals_pruned():
     assert torch.allclose(masked, pruned(x), rtol=1e-4, atol=1e-5)
     assert space.params_after(units) == count_params(pruned)
     assert space.macs_after(units) == count_macs(pruned, x[:1])
+    width = 768 - sum(1 for unit in units if space.units[unit].group == stream.id)
+    assert pruned.hidden_dim == pruned.conv_proj.out_channels == width < 768
     for block in pruned.encoder.layers:
         attention = block.self_attention
         assert block.num_heads == attention.num_heads

@@ -7,7 +7,7 @@ import copy
 import torch
 from torch import nn
 
-from cswap.adapters import find_head_sites
+from cswap.adapters import after_surgery, find_head_sites
 from cswap.compensation import Compensation, fold
 from cswap.errors import CswapError, first_line
 from cswap.intervene import removed
@@ -52,6 +52,7 @@ def apply_plan(
             pruner = graph.get_pruner_of_module(module)
             group = graph.get_pruning_group(module, pruner.prune_out_channels, list(indices))
             group.prune()
+        after_surgery(model)
     finally:
         model.train(was_training)
     return model

@@ -64,6 +64,14 @@ def canonicalize(model: nn.Module) -> nn.Module:
     return model
 
 
+def after_surgery(model: nn.Module) -> None:
+    """Let each adapter bring model-level attributes in line with pruned layers (in place)."""
+    for adapter in adapters():
+        sync = getattr(adapter, "after_surgery", None)
+        if sync is not None:
+            sync(model)
+
+
 def find_head_sites(model: nn.Module) -> list[tuple[Adapter, HeadSite]]:
     found = []
     for adapter in adapters():

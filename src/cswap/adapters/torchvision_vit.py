@@ -85,6 +85,17 @@ class TorchvisionViTAttention:
                     continue
                 block.self_attention = SelfAttention.from_multihead(attention)
 
+    def after_surgery(self, model: nn.Module) -> None:
+        """A narrower residual stream: torchvision's VisionTransformer reshapes the patches with
+        its own ``hidden_dim`` attribute, kept equal to the patch projection's output."""
+        try:
+            from torchvision.models.vision_transformer import VisionTransformer
+        except ImportError:
+            return
+        for module in model.modules():
+            if isinstance(module, VisionTransformer):
+                module.hidden_dim = module.conv_proj.out_channels
+
     def sites(self, model: nn.Module) -> list[HeadSite]:
         return [
             projection_site(
