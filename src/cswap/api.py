@@ -44,6 +44,7 @@ from cswap.inputs import (
     check_model_object,
     check_out_dir,
     peak_resident_gb,
+    release_freed_memory,
 )
 from cswap.measure import paired_latency, predict
 from cswap.reconstruct import propagated
@@ -377,6 +378,7 @@ def prune(
             check_batch.cpu(),
             compensation=compensation,
         )
+        release_freed_memory()  # surgery's temporaries
     test_batches = _test_batches(test, opts.batch_size)
     with stage("final evaluation"):
         before, after, measured = _final_measurements(prepared, pruned, test_batches, opts)

@@ -56,8 +56,11 @@ def _index_sums(module: nn.Module, side: str, p: int) -> np.ndarray:
     total = None
     if isinstance(weight, torch.Tensor):
         dim = 0 if side == "out" or weight.dim() == 1 else 1
-        values = weight.detach().double().abs().pow(p)
-        total = values.transpose(0, dim).reshape(values.shape[dim], -1).sum(1)
+        others = tuple(d for d in range(weight.dim()) if d != dim)
+        # one temporary of the weight's own dtype, summed in float64 (no double copy of a
+        # large weight: on ViT-L those copies held a gigabyte)
+        values = weight.detach().abs().pow(p)
+        total = values.sum(others, dtype=torch.float64) if others else values.double()
     bias = getattr(module, "bias", None)
     if side == "out" and isinstance(bias, torch.Tensor):
         entries = bias.detach().double().abs().pow(p)

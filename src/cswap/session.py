@@ -41,7 +41,7 @@ from cswap.errors import CswapError
 from cswap.estimate import BandConfig
 from cswap.evaluate import ValidationPrefix, masked_validation
 from cswap.fastscore import FastConfig, fast_categorize
-from cswap.inputs import available_bytes
+from cswap.inputs import available_bytes, release_freed_memory
 from cswap.measure import predict
 from cswap.schedule import (
     CANDIDATES_EXHAUSTED,
@@ -629,6 +629,7 @@ class CriterionRanker:
                 batch_size=options.batch_size,
                 device=prepared.device,
             )
+            release_freed_memory()
 
     def close(self) -> None:
         pass
@@ -916,6 +917,7 @@ def _verified_units(model: nn.Module, example: torch.Tensor, options: Options) -
     space = discover_units(model, example, ignored_layers=ignored, budget=budget)
     with stage("unit verification"):
         failed = verify_groups(model, space, example) if len(space) else {}
+        release_freed_memory()  # the verification copies
     if not failed:
         return space
     for root, reason in failed.items():
