@@ -219,3 +219,19 @@ def test_convnext_v2_global_response_norms_are_recomputed_and_every_group_prunes
     assert pruned.stages[0].blocks[0].mlp.grn.weight.shape == (160 - len(range(1, 160, 3)),)
     assert space.params_after(units) == count_params(pruned)
     assert space.macs_after(units) == count_macs(pruned, x[:1])
+
+
+def test_units_that_renormalize_get_no_closed_form_estimate_and_are_scored_exactly():
+    """The closed-form estimate is the consumers' refit error; removing a residual channel also
+    renormalizes every other channel at each LayerNorm, which it does not see."""
+    from cswap.estimate import reconstruction_costs
+
+    model = _convnext(4)
+    x = torch.randn(24, 3, 32, 32)
+    space = discover_units(model, x[:1])
+    lstsq = measure_means(model, space, x, mode="lstsq", ridge=1e-3)
+    units = [unit.id for unit in space.units]
+    costs = reconstruction_costs(space, lstsq.with_base(model, space, []), units)
+    renormalizing = {unit.id for unit in space.units if unit.norms}
+    assert renormalizing and not renormalizing & set(costs)
+    assert set(costs) == set(units) - renormalizing

@@ -108,12 +108,16 @@ def reconstruction_costs(
     (``compensation`` already holds the bases of the current removal, ``with_base``), each
     output channel weighted by ``sensitivity`` when given. A consumer mean-compensated for too
     few rows is estimated by its mean fold's error (``MeanBasis``); units with a consumer that
-    has no Gram matrix (no lstsq, over the memory budget, unsupported) get no estimate."""
+    has no Gram matrix (no lstsq, over the memory budget, unsupported), and units whose removal
+    renormalizes other channels (a LayerNorm over channels, ``Unit.norms``: the refit error of
+    the consumers is not all it changes), get no estimate (scored exactly)."""
     if compensation is None or not (compensation.bases or compensation.mean_bases):
         return {}
     sensitivity = sensitivity or {}
     found = {}
     for unit in units:
+        if space.units[unit].norms:  # its removal renormalizes channels: not in the estimate
+            continue
         targets = space.units[unit].targets
         bases = [compensation.estimator(t.layer) for t in targets]
         if not targets or any(basis is None for basis in bases):
