@@ -6,6 +6,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from cswap.cli.bench import write_whole
+
+__all__ = ["add_overwrite", "refuse_existing", "write_whole"]
+
 
 def add_overwrite(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -15,10 +19,3 @@ def refuse_existing(parser: argparse.ArgumentParser, out: Path | None, overwrite
     """Stop before any work when ``out`` already holds a result."""
     if out is not None and out.exists() and not overwrite:
         parser.error(f"--out {out} already holds a result: another path, or --overwrite")
-
-
-def write_whole(out: Path, text: str) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(f".{out.name}.partial")
-    partial.write_text(text)
-    partial.replace(out)

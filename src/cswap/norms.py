@@ -18,13 +18,15 @@ probe input, so a LayerNorm subclass with its own layout (timm's channels-first
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
 _PROBE_SPATIAL = 3
-
-
 _MIXING = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
+# module -> its checked channel dim: discovery asks for every norm it meets, once per group
+_CHANNEL_DIMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def is_grn(module: nn.Module) -> bool:
@@ -58,9 +60,16 @@ def norm_channels(module: nn.Module) -> int:
 
 def channel_dim(module: nn.Module) -> int | None:
     """The input dimension holding the channels (-1 channels last, 1 channels first), checked
-    against the module's own forward; None when it is not a recomputable normalization."""
+    against the module's own forward (once per module); None when it is not a recomputable
+    normalization."""
     if not recomputable(module):
         return None
+    if module not in _CHANNEL_DIMS:
+        _CHANNEL_DIMS[module] = _probed_channel_dim(module)
+    return _CHANNEL_DIMS[module]
+
+
+def _probed_channel_dim(module: nn.Module) -> int | None:
     channels = norm_channels(module)
     weight = next(module.parameters(), None)
     dtype = weight.dtype if weight is not None else torch.float32

@@ -623,12 +623,13 @@ def _build_space(
     # (a qkv output is not one channel per consumer input), so its groups there are dropped.
     owned = {(layer, side) for site in sites for layer, side, _ in site.spans}
 
+    bare = _bare_parameters(graph)
     order = {module: position for position, module in enumerate(names)}
     raw_groups = sorted(raw_groups, key=lambda raw: order.get(raw[0].dep.target.module, 0))
     for raw in raw_groups:
         root = names.get(raw[0].dep.target.module, "?")
         size = len(raw[0].idxs)
-        reason = excluded_roots.get(root) or _exclusion_reason(graph, raw, names)
+        reason = excluded_roots.get(root) or _exclusion_reason(graph, raw, names, bare)
         if reason is None and _touches(graph, raw, names, owned):
             reason = "attention dimensions: heads are the units there (see the adapter)"
         if reason is None and size < 2:
@@ -636,7 +637,7 @@ def _build_space(
         if reason is not None:
             excluded.append(ExcludedGroup(root, size, reason))
             continue
-        _add_group(graph, raw, names, root, units, groups, dim_sizes, unit_dims)
+        _add_group(graph, raw, (names, bare), root, units, groups, dim_sizes, unit_dims)
 
     for site in sites:
         if site.attention in excluded_roots:
@@ -661,13 +662,25 @@ def _build_space(
     return _with_unit_costs(space)
 
 
-def _add_group(graph, raw, names, root, units, groups, dim_sizes, unit_dims) -> None:
+def _bare_parameters(graph: tp.DependencyGraph) -> dict[int, tuple[str, int]]:
+    """id of each parameter outside a known layer (a layer scale, a class token) -> its name
+    and the dimension Torch-Pruning prunes."""
+    named = {id(p): name for name, p in graph.model.named_parameters()}
+    return {
+        id(u.parameters): (named[id(u.parameters)], u.pruning_dim)
+        for u in graph.unwrapped_parameters
+        if id(u.parameters) in named
+    }
+
+
+def _add_group(graph, raw, known, root, units, groups, dim_sizes, unit_dims) -> None:
     """One group of Torch-Pruning's, its units appended to ``units`` (ids continue from there)
-    and their dimensions recorded for the accounting."""
+    and their dimensions recorded for the accounting; ``known``: (module names, bare
+    parameters as ``_bare_parameters``)."""
     root_module = raw[0].dep.target.module
     size = len(raw[0].idxs)
     group_id, first_id = len(groups), len(units)
-    parts = _GroupParts(graph, names)
+    parts = _GroupParts(graph, *known)
     for item in raw:
         parts.add(item)
     for key, total in parts.dim_sizes.items():
@@ -688,10 +701,8 @@ class _GroupParts:
     """What a group's items say a unit owns: consumer inputs to mask, normalizations to
     recompute, the parameter slices (producers, norms, consumers, bare parameters)."""
 
-    def __init__(self, graph, names) -> None:
-        self.graph, self.names = graph, names
-        self.params = {id(p): name for name, p in graph.model.named_parameters()}
-        self.bare_dims = {id(u.parameters): u.pruning_dim for u in graph.unwrapped_parameters}
+    def __init__(self, graph, names, bare) -> None:
+        self.graph, self.names, self.bare = graph, names, bare
         self.layers: list[str] = []
         self.consumers: list[tuple[str, int, dict]] = []  # (layer, dim, root -> indices)
         self.norms: list[tuple[str, int, dict]] = []
@@ -702,12 +713,13 @@ class _GroupParts:
     def add(self, item) -> None:
         module = item.dep.target.module
         by_root = _by_root(item.idxs, item.root_idxs)
-        if isinstance(module, nn.Parameter) and id(module) in self.params:
-            key = (self.params[id(module)], "param")  # e.g. a layer scale: no module to name
-            self._dim(key, module.shape[self.bare_dims[id(module)]], item)
-            owner = _owner(self.graph.model, key[0])
-            if mixes_channels(owner):  # a GRN: the graph sees its parameters, not the module
-                self._norm(key[0].rpartition(".")[0], owner, by_root)
+        if isinstance(module, nn.Parameter) and id(module) in self.bare:
+            parameter, dim = self.bare[id(module)]
+            self._dim((parameter, "param"), module.shape[dim], item)  # no module to name
+            owner = parameter.rpartition(".")[0]
+            norm = self.graph.model.get_submodule(owner)
+            if mixes_channels(norm):  # a GRN: the graph sees its parameters, not the module
+                self._norm(owner, norm, by_root)
             return
         if not isinstance(module, nn.Module) or module not in self.names:
             return  # Torch-Pruning's own op nodes (add, concat, flatten, ...)
@@ -795,19 +807,15 @@ def _mixing_norm_reason(name: str, norm: nn.Module) -> str:
     return f"{name} ({kind}) normalises across channels; masking is not removal there"
 
 
-def _owner(model: nn.Module, parameter: str) -> nn.Module:
-    return model.get_submodule(parameter.rpartition(".")[0])
-
-
-def _exclusion_reason(graph, raw, names) -> str | None:
+def _exclusion_reason(graph, raw, names, bare) -> str | None:
     has_consumer = False
-    params = {id(p): name for name, p in graph.model.named_parameters()}
     for item in raw:
         module = item.dep.target.module
-        if isinstance(module, nn.Parameter) and id(module) in params:
-            owner = _owner(graph.model, params[id(module)])
-            if mixes_channels(owner) and channel_dim(owner) is None:
-                return _mixing_norm_reason(params[id(module)].rpartition(".")[0], owner)
+        if isinstance(module, nn.Parameter) and id(module) in bare:
+            owner = bare[id(module)][0].rpartition(".")[0]
+            norm = graph.model.get_submodule(owner)
+            if mixes_channels(norm) and channel_dim(norm) is None:
+                return _mixing_norm_reason(owner, norm)
         if not isinstance(module, nn.Module) or module not in names:
             continue  # Torch-Pruning's own op nodes (add, concat, flatten, ...)
         if _is_grouped(module):

@@ -27,17 +27,22 @@ def check_json_out(out: Path | None, overwrite: bool) -> None:
         )
 
 
+def write_whole(out: Path, text: str) -> None:
+    """``text`` into ``out``, whole or not at all: a temporary file beside it is renamed into
+    place."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(f".{out.name}.partial")
+    partial.write_text(text)
+    partial.replace(out)
+
+
 def write_json(out: Path | None, result: dict) -> str:
-    """The result as JSON text, also written to ``out`` when given (whole or not at all: a
-    temporary file beside it is renamed into place)."""
+    """The result as JSON text, also written whole to ``out`` when given."""
     import json
 
     text = json.dumps(result, indent=1)
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        partial = out.with_name(f".{out.name}.partial")
-        partial.write_text(text + "\n")
-        partial.replace(out)
+        write_whole(out, text + "\n")
     return text
 
 
