@@ -222,3 +222,36 @@ def test_an_open_base_removal_plus_a_unit_is_removed_of_both_bit_for_bit(setting
             assert torch.equal(model(images), base_out)
         assert hook_count(model) == 0 and torch.equal(model(images), intact)
     assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+
+
+def test_score_images_scores_a_label_stratified_subset_under_the_full_compensation(
+    trained_tiny, fashion_small
+):
+    from torch.utils.data import TensorDataset
+
+    from cswap.session import CausalRanker, make_options, measure_compensation, prepare
+
+    _, _, x, y = fashion_small
+    data, validation = TensorDataset(x[:120], y[:120]), TensorDataset(x[500:540], y[500:540])
+    options = make_options({"score_images": 30, "correct_only": False, "min_class_size": 2})
+    prepared = prepare(
+        trained_tiny, data, validation, example_input=None, label_free=False, device="cpu",
+        options=options,
+    )  # fmt: skip
+    images, labels = prepared.scoring_data(30, seed=0)
+    assert len(labels) == 30 and prepared.scoring_data(0, seed=0)[0] is prepared.calibration_images
+    assert prepared.calibration_info["scoring_size"] == 30  # the report says so
+    # each class keeps its share of the 120 images to within one image
+    full = np.bincount(prepared.calibration_labels.numpy(), minlength=10) * 30 / 120
+    assert np.all(np.abs(np.bincount(labels.numpy(), minlength=10) - full) < 1)
+    rows = {tuple(image.flatten().tolist()) for image in prepared.calibration_images}
+    assert len({tuple(image.flatten().tolist()) for image in images} & rows) == 30
+    compensation = measure_compensation(prepared, "lstsq", options)
+    assert compensation.images == 120  # the refit's statistics: every calibration image
+    ranker = CausalRanker(prepared, options, False, compensation, allow_critical=True)
+    categorization = ranker.categorization(())
+    oracle = causal_effects(
+        prepared.model, prepared.space, images, labels, compensation=compensation
+    )
+    assert np.array_equal(categorization.unit_ids, oracle.unit_ids)
+    assert np.allclose(categorization.kl, oracle.kl.mean(axis=1), rtol=1e-5, atol=1e-9)

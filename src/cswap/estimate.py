@@ -387,6 +387,13 @@ def _stratified(labels: np.ndarray, fraction: float, minimum: int, seed: int) ->
     size = max(minimum, math.ceil(fraction * count))
     if fraction <= 0 or 2 * size > count:
         return None
+    return stratified(labels, size, seed)
+
+
+def stratified(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """Sorted indices of ``size`` of the samples, spread evenly over ``labels`` (each label's
+    share kept to within one sample), random within a label."""
+    count = len(labels)
     rng = np.random.default_rng(seed)
     order = np.lexsort((rng.random(count), labels))  # by label, random within a label
     step = count / size

@@ -38,7 +38,7 @@ from cswap.compensation import Compensation, measure_means
 from cswap.criteria import criterion_scores, ranking_from_scores
 from cswap.devices import resolve_device
 from cswap.errors import CswapError
-from cswap.estimate import BandConfig
+from cswap.estimate import BandConfig, stratified
 from cswap.evaluate import ValidationPrefix, masked_validation
 from cswap.fastscore import FastConfig, fast_categorize
 from cswap.inputs import available_bytes, release_freed_memory
@@ -111,6 +111,9 @@ class Options:
     # exact scoring only within exact_band residual sd of the next cut (cswap.estimate); 0: all
     exact_band: float = 2.0
     exact_max: int = 0  # at most this many units per round exact inside the band (0: no cap)
+    # causal scoring on at most this many calibration images, spread over the labels (0: all);
+    # the compensation statistics and the error correction use every calibration image
+    score_images: int = 0
     # the band's units scored on this share of the calibration images first (0: all at once)
     sample_fraction: float = 0.25
     early_fraction: float = 0.25  # and on this share of those first (0: no early stage)
@@ -273,6 +276,15 @@ class Session:
     num_classes: int
     calibration_info: dict
 
+    def scoring_data(self, limit: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The calibration images and labels that causal scoring runs on: all of them, or
+        ``limit`` of them spread evenly over the labels (``Options.score_images``)."""
+        images, labels = self.calibration_images, self.calibration_labels
+        if limit <= 0 or limit >= len(labels):
+            return images, labels
+        chosen = torch.from_numpy(stratified(labels.cpu().numpy(), limit, seed))
+        return images[chosen], labels[chosen]
+
     def validator(
         self,
         compensation: Compensation | None,
@@ -398,6 +410,7 @@ def prepare(
     accuracy = int((reference == val_labels).sum()) / len(val_labels)  # as masked_validation
     info = {
         "calibration_size": len(labels),
+        "scoring_size": min(len(labels), options.score_images or len(labels)),  # score_images
         "calibration_per_class": {
             str(int(k)): int(v)
             for k, v in zip(*np.unique(labels.numpy(), return_counts=True), strict=True)
@@ -461,6 +474,19 @@ class CausalRanker:
         self.scores: np.ndarray | None = None
         self.backend = None  # a RayScoring: exact effects computed on workers
 
+    @functools.cached_property
+    def _scoring_data(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.prepared.scoring_data(self.options.score_images, self.options.seed)
+
+    @property
+    def images(self) -> torch.Tensor:
+        """The calibration images this ranker scores on (``Options.score_images``)."""
+        return self._scoring_data[0]
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return self._scoring_data[1]
+
     def close(self) -> None:
         if self.backend is not None:
             self.backend.close()
@@ -482,8 +508,8 @@ class CausalRanker:
                     prepared.space,
                     self.compensation,
                     removed,
-                    images=prepared.calibration_images,
-                    labels=prepared.calibration_labels,
+                    images=self.images,
+                    labels=self.labels,
                     device=prepared.device,
                     horizon=self._horizons(removed),
                     cost_kind=self.cost_kind,
@@ -535,7 +561,7 @@ class CausalRanker:
             self.compensation,
             removed,
             self.cost_kind,
-            images=prepared.calibration_images,
+            images=self.images,
             device=prepared.device,
             seed=self.options.seed,
         )
@@ -577,8 +603,8 @@ class CausalRanker:
             score,
             prepared.model,
             prepared.space,
-            images=prepared.calibration_images,
-            labels=prepared.calibration_labels,
+            images=self.images,
+            labels=self.labels,
             already_removed=removed,
             compensation=self.compensation,
             **self._scoring_options(),
@@ -589,8 +615,8 @@ class CausalRanker:
         return fast_categorize(
             prepared.model,
             prepared.space,
-            prepared.calibration_images,
-            prepared.calibration_labels,
+            self.images,
+            self.labels,
             self.options.category_config(),
             self.options.fast_config(),
             already_removed=removed,
@@ -770,6 +796,11 @@ def make_options(overrides: dict[str, Any]) -> Options:
         raise CswapError(
             f"exact_band must be a finite number >= 0, got {options.exact_band}.",
             "use e.g. 2 (the default), or 0 to score every unit exactly.",
+        )
+    if options.score_images < 0:
+        raise CswapError(
+            f"score_images must be >= 0, got {options.score_images}.",
+            "use e.g. 96 (calibration images causal scoring runs on), or 0 for all of them.",
         )
     if options.exact_max < 0:
         raise CswapError(

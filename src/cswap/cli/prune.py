@@ -417,6 +417,14 @@ def register(app: typer.Typer) -> None:
                 "band, the closest to the cut first (for big models); 0: no cap."
             ),
         ] = 0,
+        score_images: Annotated[
+            int,
+            typer.Option(
+                help="Score units causally on at most this many calibration images (spread "
+                "over the labels); the compensation's statistics still use all of them. For "
+                "many calibration images and little time. 0: all."
+            ),
+        ] = 0,
         sample_fraction: Annotated[
             float,
             typer.Option(
@@ -512,6 +520,7 @@ def register(app: typer.Typer) -> None:
                 "screen": screen,
                 "exact_band": exact_band,
                 "exact_max": exact_max,
+                "score_images": score_images,
                 "sample_fraction": sample_fraction,
                 "early_fraction": early_fraction,
                 "control_variate": control_variate,
