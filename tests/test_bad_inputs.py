@@ -518,6 +518,7 @@ def test_band_options_out_of_range_are_one_clear_error():
         {"exact_band": float("inf")},
         {"exact_max": -5},
         {"score_images": -1},
+        {"score_images": 3},
         {"sample_fraction": 1.0},
         {"sample_fraction": -0.1},
         {"early_fraction": 1.0},

@@ -255,3 +255,19 @@ def test_score_images_scores_a_label_stratified_subset_under_the_full_compensati
     )
     assert np.array_equal(categorization.unit_ids, oracle.unit_ids)
     assert np.allclose(categorization.kl, oracle.kl.mean(axis=1), rtol=1e-5, atol=1e-9)
+    # the report's evidence comes from the same images, indexed in the calibration set
+    from cswap.api import _evidence
+
+    subset = set(prepared.scoring_indices(30, seed=0).tolist())
+    units = [
+        {"id": int(u), "xi": -1.0, "category": "critical", "removed_at_step": None}
+        for u in categorization.unit_ids[:2]
+    ]
+    entries, _ = _evidence(prepared, units, compensation, options)
+    with torch.no_grad():
+        probabilities = torch.softmax(prepared.model(prepared.calibration_images), dim=1)
+    assert [entry["unit"] for entry in entries] == [unit["id"] for unit in units]
+    for item in (item for entry in entries for item in entry["images"]):
+        image, label = item["image"], item["label"]
+        assert image in subset and label == int(prepared.calibration_labels[image])
+        assert item["p_label_before"] == pytest.approx(float(probabilities[image, label]), abs=1e-4)

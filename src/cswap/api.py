@@ -408,7 +408,7 @@ def prune(
     arrays = units_arrays(first) if first is not None else _score_arrays(ranker.scores)
     with stage("evidence"):
         report["evidence"], arrays["evidence_images"] = _evidence(
-            prepared, report["units"], compensation
+            prepared, report["units"], compensation, opts
         )
     report["total_seconds"] = round(time.perf_counter() - started, 2)
     report["schedule_seconds"] = round(scoring_seconds, 2)
@@ -476,9 +476,12 @@ EVIDENCE_CRITICAL = 4  # the most critical units shown with their images
 EVIDENCE_REMOVED = 8  # removed units that cost accuracy, largest cost first
 
 
-def _evidence(prepared: Session, units: list[dict], compensation) -> tuple[list[dict], np.ndarray]:
-    """The calibration images whose label probability fell most when each unit was removed,
-    for the most critical units and the removed units that cost accuracy (xi < 0)."""
+def _evidence(
+    prepared: Session, units: list[dict], compensation, opts: Options
+) -> tuple[list[dict], np.ndarray]:
+    """The calibration images (those scoring ran on, ``score_images``) whose label probability
+    fell most when each unit was removed, for the most critical units and the removed units
+    that cost accuracy (xi < 0); ``image`` indexes the calibration set."""
     scored = [u for u in units if u.get("xi") is not None]
     critical = sorted((u for u in scored if u["category"] == CRITICAL), key=lambda u: u["xi"])
     costly = sorted(
@@ -489,10 +492,17 @@ def _evidence(prepared: Session, units: list[dict], compensation) -> tuple[list[
     chosen += [u["id"] for u in costly[:EVIDENCE_REMOVED] if u["id"] not in chosen]
     if not chosen:
         return [], np.zeros((0, 1, 1, 1), dtype=np.uint8)
+    subset = prepared.scoring_indices(opts.score_images, opts.seed)
+    images, labels = prepared.scoring_data(opts.score_images, opts.seed)
     found = unit_evidence(
-        prepared.model, prepared.space, chosen, prepared.calibration_images,
-        prepared.calibration_labels, compensation=compensation, device=prepared.device,
+        prepared.model, prepared.space, chosen, images, labels, compensation=compensation,
+        device=prepared.device,
     )  # fmt: skip
+    if subset is not None:  # positions in the subset -> indices in the calibration set
+        found = {
+            unit: [item | {"image": int(subset[item["image"]])} for item in items]
+            for unit, items in found.items()
+        }
     used = sorted({item["image"] for items in found.values() for item in items})
     slot = {image: position for position, image in enumerate(used)}
     entries = [

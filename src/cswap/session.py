@@ -276,14 +276,20 @@ class Session:
     num_classes: int
     calibration_info: dict
 
-    def scoring_data(self, limit: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The calibration images and labels that causal scoring runs on: all of them, or
+    def scoring_indices(self, limit: int, seed: int) -> torch.Tensor | None:
+        """Which calibration images causal scoring runs on: None for all of them, else
         ``limit`` of them spread evenly over the labels (``Options.score_images``)."""
-        images, labels = self.calibration_images, self.calibration_labels
+        labels = self.calibration_labels
         if limit <= 0 or limit >= len(labels):
-            return images, labels
-        chosen = torch.from_numpy(stratified(labels.cpu().numpy(), limit, seed))
-        return images[chosen], labels[chosen]
+            return None
+        return torch.from_numpy(stratified(labels.cpu().numpy(), limit, seed))
+
+    def scoring_data(self, limit: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The images and labels of ``scoring_indices``."""
+        chosen = self.scoring_indices(limit, seed)
+        if chosen is None:
+            return self.calibration_images, self.calibration_labels
+        return self.calibration_images[chosen], self.calibration_labels[chosen]
 
     def validator(
         self,
@@ -766,6 +772,9 @@ def _progress_bar(total: int, description: str, enabled: bool, unit: str = "unit
     return tqdm(total=total, desc=description, leave=False, unit=unit, bar_format=bar_format)
 
 
+MIN_SCORE_IMAGES = 8  # the fewest images a unit's tests and the band's early stage work with
+
+
 def make_options(overrides: dict[str, Any]) -> Options:
     known = set(Options.__dataclass_fields__)
     unknown = sorted(set(overrides) - known)
@@ -797,9 +806,9 @@ def make_options(overrides: dict[str, Any]) -> Options:
             f"exact_band must be a finite number >= 0, got {options.exact_band}.",
             "use e.g. 2 (the default), or 0 to score every unit exactly.",
         )
-    if options.score_images < 0:
+    if options.score_images != 0 and options.score_images < MIN_SCORE_IMAGES:
         raise CswapError(
-            f"score_images must be >= 0, got {options.score_images}.",
+            f"score_images must be 0 or at least {MIN_SCORE_IMAGES}, got {options.score_images}.",
             "use e.g. 96 (calibration images causal scoring runs on), or 0 for all of them.",
         )
     if options.exact_max < 0:
