@@ -493,7 +493,7 @@ def _evidence(
     if not chosen:
         return [], np.zeros((0, 1, 1, 1), dtype=np.uint8)
     subset = prepared.scoring_indices(opts.score_images, opts.seed)
-    images, labels = prepared.scoring_data(opts.score_images, opts.seed)
+    images, labels = prepared.calibration_subset(subset)
     found = unit_evidence(
         prepared.model, prepared.space, chosen, images, labels, compensation=compensation,
         device=prepared.device,

@@ -286,7 +286,10 @@ class Session:
 
     def scoring_data(self, limit: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The images and labels of ``scoring_indices``."""
-        chosen = self.scoring_indices(limit, seed)
+        return self.calibration_subset(self.scoring_indices(limit, seed))
+
+    def calibration_subset(self, chosen: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The calibration images and labels at ``chosen`` (None: all of them, not copied)."""
         if chosen is None:
             return self.calibration_images, self.calibration_labels
         return self.calibration_images[chosen], self.calibration_labels[chosen]
