@@ -20,21 +20,18 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import time
 from collections import defaultdict
 from pathlib import Path
 
 import real_model as rm
 import torch
 from outfile import add_overwrite, refuse_existing, write_whole
-from torch.utils.data import TensorDataset
+from real_rankings import first_round
 
-from cswap.api import _prepare
 from cswap.categorize import RankConfig, causal_ranking
 from cswap.evaluate import output_divergence
 from cswap.intervene import removed as intervention
 from cswap.schedule import ScheduleConfig, oneshot
-from cswap.session import CausalRanker, make_options
 
 
 def main() -> None:
@@ -50,17 +47,8 @@ def main() -> None:
     torch.set_num_threads(2)
     base = rm.model()
     pictures = rm.photos()
-    calibration = rm.crops(pictures, 160, seed=0)
-    options = make_options({})
-    data = TensorDataset(calibration, rm.top1(base, calibration))
-    prepared, compensation = _prepare(base, data, None, None, True, None, options, "lstsq")
+    prepared, compensation, _, categorization, scoring = first_round(base, pictures, args.target)
     space = prepared.space
-    started = time.perf_counter()
-    ranker = CausalRanker(
-        prepared, options, False, compensation, True, "macs", horizon=0.1, first_cut=args.target
-    )
-    categorization = ranker.categorization(())
-    scoring = time.perf_counter() - started
     ranking = causal_ranking(
         categorization, RankConfig("kl", per_cost=True), space.savings((), "macs")
     )
@@ -70,30 +58,14 @@ def main() -> None:
         batches = [(images[i : i + 42], None) for i in range(0, len(images), 42)]
         return output_divergence(prepared.model, space, units, batches, [compensation])[0]
 
-    fresh = rm.crops(pictures, args.fresh, seed=7)
-    by_group = defaultdict(list)
-    for unit in removed:
-        by_group[space.units[unit].group].append(unit)
-    sets = [(space.groups[g].root, "cut", units) for g, units in sorted(by_group.items())]
-    sets.append(("all", "cut", removed))
-    rng = random.Random(0)
-    for group in sorted(by_group, key=lambda g: -len(by_group[g]))[: args.random_groups]:
-        members = [u.id for u in space.units if u.group == group]
-        sets.append((space.groups[group].root, "random", rng.sample(members, len(by_group[group]))))
-    rows = []
-    for root, kind, units in sets:
-        inside, outside = kl(units, prepared.calibration_images), kl(units, fresh)
-        rows.append(
-            {
-                "group": root,
-                "units": kind,
-                "count": len(units),
-                "kl_calibration": round(inside, 6),
-                "kl_fresh": round(outside, 6),
-                "ratio": round(outside / max(inside, 1e-12), 2),
-            }
-        )
-        print(json.dumps(rows[-1]), flush=True)
+    rows = _ratios(
+        space,
+        removed,
+        kl,
+        prepared.calibration_images,
+        rm.crops(pictures, args.fresh, seed=7),
+        args.random_groups,
+    )
     held_out = rm.crops(pictures, args.held_out, seed=2)
     before = rm.top1(base, held_out)
     with torch.no_grad(), intervention(prepared.model, space, removed, compensation):
@@ -111,6 +83,35 @@ def main() -> None:
     }
     write_whole(args.out, json.dumps(summary, indent=2) + "\n")
     print(json.dumps({k: v for k, v in summary.items() if k != "rows"}, indent=2))
+
+
+def _ratios(space, removed, kl, calibration, fresh, random_groups: int) -> list[dict]:
+    """Per group of the cut (and for a random subset of the most cut groups): the KL of
+    removing those units on the calibration images and on fresh crops, and their ratio."""
+    by_group = defaultdict(list)
+    for unit in removed:
+        by_group[space.units[unit].group].append(unit)
+    sets = [(space.groups[g].root, "cut", units) for g, units in sorted(by_group.items())]
+    sets.append(("all", "cut", removed))
+    rng = random.Random(0)
+    for group in sorted(by_group, key=lambda g: -len(by_group[g]))[:random_groups]:
+        members = [u.id for u in space.units if u.group == group]
+        sets.append((space.groups[group].root, "random", rng.sample(members, len(by_group[group]))))
+    rows = []
+    for root, kind, units in sets:
+        inside, outside = kl(units, calibration), kl(units, fresh)
+        rows.append(
+            {
+                "group": root,
+                "units": kind,
+                "count": len(units),
+                "kl_calibration": round(inside, 6),
+                "kl_fresh": round(outside, 6),
+                "ratio": round(outside / max(inside, 1e-12), 2),
+            }
+        )
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
 
 
 if __name__ == "__main__":

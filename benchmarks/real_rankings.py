@@ -60,29 +60,14 @@ def main() -> None:
     torch.set_num_threads(2)
     base = rm.model()
     pictures = rm.photos()
-    calibration = rm.crops(pictures, 160, seed=0)
     held_out = rm.crops(pictures, args.held_out, seed=2)
     before = rm.top1(base, held_out)
-    options = make_options({})
-    data = TensorDataset(calibration, rm.top1(base, calibration))
-    prepared, compensation = _prepare(base, data, None, None, True, None, options, "lstsq")
-    space = prepared.space
-    started = time.perf_counter()
     targets = [float(t) for t in args.targets.split(",")]
-    # the default first round: exact near the next 10% of the MACs and near the start's
-    # one-shot cut (here the deepest target)
-    ranker = CausalRanker(
-        prepared,
-        options,
-        False,
-        compensation,
-        True,
-        "macs",
-        horizon=0.1,
-        first_cut=max(targets),
+    prepared, compensation, ranker, categorization, scoring = first_round(
+        base, pictures, max(targets)
     )
-    categorization = ranker.categorization(())
-    seconds = {"cswap": time.perf_counter() - started}
+    space = prepared.space
+    seconds = {"cswap": scoring}
     costs = space.savings((), "macs")
     orders = {name: causal_ranking(categorization, c, costs) for name, c in RANKINGS.items()}
     started = time.perf_counter()
@@ -128,6 +113,23 @@ def main() -> None:
         "rows": rows,
     }
     write_whole(args.out, json.dumps(summary, indent=2) + "\n")
+
+
+def first_round(base, pictures, first_cut: float):
+    """The default first scoring round of the unpruned model, label-free on 160 calibration
+    crops (half split off for validation): exact near the next 10% of the MACs and near the
+    start's one-shot cut ``first_cut``. Returns the session, its lstsq compensation, the ranker,
+    its categorization and the scoring seconds."""
+    calibration = rm.crops(pictures, 160, seed=0)
+    options = make_options({})
+    data = TensorDataset(calibration, rm.top1(base, calibration))
+    prepared, compensation = _prepare(base, data, None, None, True, None, options, "lstsq")
+    started = time.perf_counter()
+    ranker = CausalRanker(
+        prepared, options, False, compensation, True, "macs", horizon=0.1, first_cut=first_cut
+    )
+    categorization = ranker.categorization(())
+    return prepared, compensation, ranker, categorization, time.perf_counter() - started
 
 
 def _order(scores: np.ndarray) -> Ranking:
